@@ -1,0 +1,358 @@
+"""`tspack`: a thin command line over the archiver library.
+
+Each command parses its flags, builds the library's config objects, calls one library function and
+prints the result. Errors of the pack are printed on one line (no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Optional
+
+from archiver.errors import TspackCliError
+from handlers.errors import SpecError
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --- build ---------------------------------------------------------------------------------------------
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from archiver.build import build
+    from archiver.report import format_table
+    from archiver.spec import DeploySpec
+
+    spec = DeploySpec.from_yaml(args.spec) if args.spec else spec_from_flags(args)
+    if args.model_store:
+        from dataclasses import replace
+
+        spec = replace(spec, model_store=os.path.abspath(args.model_store))
+    result = build(spec, progress=not args.quiet, only=args.only)
+    print(format_table(result.entries))
+    print(f"report: {result.report_path}")
+    if result.failed:
+        names = ", ".join(e.key for e in result.failed)
+        print(f"tspack build: {len(result.failed)} artifact(s) failed validation: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def spec_from_flags(args: argparse.Namespace):
+    """A one-model DeploySpec from command-line flags, through the same parser as the YAML spec."""
+    from archiver.spec import DeploySpec, resolve_paths
+    from handlers.spec import parse
+
+    if not args.name or not args.input_shape:
+        raise SpecError("build: give --spec FILE, or --name, --input-shape and a model source")
+    source = {"torchscript": args.torchscript} if args.torchscript else {
+        "model_class": args.model_class, "weights": args.weights}
+    model = {
+        "name": args.name, "version": args.version, "source": source,
+        "input": {"shape": [int(d) for d in args.input_shape.split(",")], "dtype": args.dtype},
+        "frontend": args.frontend,
+        "artifacts": [{"format": fmt, "id": "main" if i == 0 else fmt, "method": args.method}
+                      for i, fmt in enumerate(args.format)],
+        "serving": {"batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay, "workers": args.workers},
+    }
+    if args.tolerance is not None:
+        model["tolerance"] = args.tolerance
+    if args.samples:
+        model["samples"] = {"file": args.samples}
+    if args.labels:
+        labels = _read_labels(args.labels)
+        model["output"] = {"kind": "classification", "labels": labels, "top_k": min(5, len(labels))}
+    spec = parse(DeploySpec, {"models": [model], "model_store": args.model_store or "model_store"})
+    return resolve_paths(spec, os.getcwd())
+
+
+def _read_labels(value: str) -> list[str]:
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict):  # index_to_name.json
+            return [data[k] for k in sorted(data, key=int)]
+        return [str(v) for v in data]
+    return [v.strip() for v in value.split(",")]
+
+
+# --- config --------------------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from archiver.serving import ServerConfig, write_config
+
+    store = os.path.abspath(args.model_store)
+    entries = [entry_from_archive(item, store) for item in args.load]
+    dev = args.profile == "dev"
+    config = ServerConfig(
+        model_store=store, inference_port=args.inference_port, management_port=args.management_port,
+        metrics_port=args.metrics_port, bind_address=args.bind, models=tuple(entries),
+        number_of_gpu=args.gpus if args.gpus is not None else detect_gpus(),
+        token_auth=not (dev or args.disable_token_auth), model_api=dev or args.enable_model_api,
+        job_queue_size=args.job_queue_size, workflow_store=args.workflow_store,
+    )
+    path = write_config(config, args.out)
+    print(f"wrote {path}")
+    rows = [["model", "version", "archive", "workers", "batch", "delay_ms"]]
+    rows += [[e.name, e.version, e.mar, str(e.workers), str(e.batch_size), str(e.max_batch_delay_ms)] for e in entries]
+    if entries:
+        print(_table(rows))
+    print(f"token auth: {'on' if config.token_auth else 'OFF'}   model API: {'on' if config.model_api else 'off'}   "
+          f"gpus: {config.number_of_gpu}   inference: {config.inference_url}")
+    return 0
+
+
+def entry_from_archive(item: str, store: str):
+    """`[name=]archive.mar` -> ModelEntry, with workers and batching read from the archive itself."""
+    import zipfile
+
+    import yaml
+
+    from archiver.package import MODEL_CONFIG_FILE, read_manifest
+    from archiver.serving import ModelEntry
+
+    name, _, archive = item.rpartition("=")
+    path = archive if os.path.isabs(archive) or os.path.exists(archive) else os.path.join(store, archive)
+    if not os.path.isfile(path):
+        raise SpecError(f"--load: archive not found: {archive} (looked in {store})")
+    if os.path.dirname(os.path.abspath(path)) != store:
+        raise SpecError(f"--load: {archive} is not in the model store {store}; build it there or pass --model-store")
+    manifest = read_manifest(path)
+    with zipfile.ZipFile(path) as z:
+        model_config = yaml.safe_load(z.read(MODEL_CONFIG_FILE)) if MODEL_CONFIG_FILE in z.namelist() else {}
+    return ModelEntry(
+        name=name or manifest.name, version=manifest.version, mar=os.path.basename(path),
+        workers=model_config.get("minWorkers", 1), max_workers=model_config.get("maxWorkers"),
+        batch_size=model_config.get("batchSize", 1), max_batch_delay_ms=model_config.get("maxBatchDelay", 100),
+        response_timeout_s=model_config.get("responseTimeout", 120))
+
+
+def detect_gpus() -> int:
+    """GPUs on this host: nvidia-smi when present, else torch, else 0."""
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=20).stdout
+            return len([line for line in out.splitlines() if line.startswith("GPU ")])
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from archiver import server
+
+    if args.action == "start":
+        handle = server.start(args.config, args.run_dir, timeout_s=args.timeout)
+        print(f"TorchServe is up (pid {handle.pid}): inference {handle.inference_url}, "
+              f"management {handle.management_url}, metrics {handle.metrics_url}/metrics")
+        if handle.key_file:
+            print(f"token auth on: keys in {handle.key_file}")
+        return 0
+    if args.action == "stop":
+        stopped = server.stop(args.run_dir, quiet=True)
+        print("TorchServe stopped" if stopped else "no TorchServe was running from " + os.path.abspath(args.run_dir))
+        return 0
+    from archiver.status import format_status, server_status
+
+    status = server_status(args.run_dir)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0 if status.get("healthy") else 1
+
+
+# --- management ----------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    from archiver.server import ServerHandle
+
+    return ServerHandle.load(os.path.abspath(args.run_dir)).client()
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from archiver.package import read_manifest
+    from archiver.server import ServerHandle
+    from archiver.serving import read_properties
+
+    handle = ServerHandle.load(os.path.abspath(args.run_dir))
+    store = read_properties(handle.config_path).get("model_store", "")
+    archive = os.path.abspath(args.archive)
+    if not os.path.isfile(archive):
+        raise SpecError(f"register: archive not found: {args.archive}")
+    manifest = read_manifest(archive)
+    if os.path.dirname(archive) != os.path.abspath(store):
+        shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
+        print(f"copied {os.path.basename(archive)} into the model store {store}")
+    client = handle.client()
+    result = client.register(os.path.basename(archive), model_name=args.name, initial_workers=args.workers)
+    name = args.name or manifest.name
+    print(result.get("status", result) if isinstance(result, dict) else result)
+    if args.set_default:
+        client.set_default(name, manifest.version)
+        print(f"{name} {manifest.version} is now the default version")
+    return 0
+
+
+def cmd_set_default(args: argparse.Namespace) -> int:
+    result = _client(args).set_default(args.model, args.version)
+    print(result.get("status", result) if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    result = _client(args).unregister(args.model, args.version)
+    print(result.get("status", result) if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from archiver.status import model_versions
+
+    versions = model_versions(_client(args), args.model)
+    rows = [["version", "default", "workers", "built_at", "runtime", "max_abs_err", "accuracy", "archive"]]
+    for v in versions:
+        rows.append([v["version"], "*" if v["default"] else "", v["workers"], v.get("built_at") or "-",
+                     v.get("runtime") or "-", v.get("max_abs_error") or "-", v.get("accuracy") or "-", v["archive"]])
+    print(_table(rows))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.file:
+        with open(args.file, "rb") as f:
+            data = f.read()
+        guessed = "application/json" if args.file.endswith(".json") else "application/octet-stream"
+        content_type = args.content_type or guessed
+        response = client.predict(args.model, version=args.version, data=data, content_type=content_type)
+    else:
+        response = client.predict(args.model, body=json.loads(args.json), version=args.version)
+    print(response.text)
+    return 0 if response.status_code == 200 else 1
+
+
+# --- parser --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tspack", description="Optimize, package, serve and operate PyTorch "
+                                     "models on TorchServe.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export, validate and package models into .mar archives")
+    b.add_argument("--spec", help="deployment spec (YAML), e.g. config/deploy.yaml")
+    b.add_argument("--only", nargs="*", help="build only these model names from the spec")
+    b.add_argument("--model-store", help="where archives and build_report.json go (default: the spec's)")
+    b.add_argument("--name", help="model name (without --spec)")
+    b.add_argument("--version", default="1.0", help="model version (default 1.0)")
+    b.add_argument("--model-class", help="path/to/file.py:ClassName of the eager model")
+    b.add_argument("--weights", help="state_dict file for --model-class")
+    b.add_argument("--torchscript", help="a TorchScript file instead of --model-class/--weights")
+    b.add_argument("--input-shape", help="one sample's shape, e.g. 1,28,28")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--format", nargs="+", default=["torchscript"], choices=["torchscript", "onnx", "state_dict"])
+    b.add_argument("--method", default="trace", choices=["trace", "script"])
+    b.add_argument("--frontend", default="tensor", choices=["tensor", "image"])
+    b.add_argument("--tolerance", type=float)
+    b.add_argument("--samples", help=".npz with validation inputs x (and labels y)")
+    b.add_argument("--labels", help="class names: a,b,c or a JSON file (list or index_to_name.json)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--max-batch-delay", type=int, default=5, help="ms")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("config", help="write config.properties (and metrics.yaml) for a deployment")
+    c.add_argument("--load", action="append", default=[], metavar="[NAME=]ARCHIVE",
+                   help="archive to serve at start-up (repeatable); workers and batching come from the archive")
+    c.add_argument("--model-store", default="model_store")
+    c.add_argument("--workflow-store")
+    c.add_argument("--out", default=os.path.join("model_store", "config.properties"))
+    c.add_argument("--profile", choices=["production", "dev"], default="production",
+                   help="dev turns token auth off and the model API on")
+    c.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (token auth stays on)")
+    c.add_argument("--disable-token-auth", action="store_true",
+                   help="turn token authorization off (not for production)")
+    c.add_argument("--bind", default="127.0.0.1")
+    c.add_argument("--inference-port", type=int, default=8080)
+    c.add_argument("--management-port", type=int, default=8081)
+    c.add_argument("--metrics-port", type=int, default=8082)
+    c.add_argument("--job-queue-size", type=int, default=100)
+    c.add_argument("--gpus", type=int, help="number of GPUs (default: detect with nvidia-smi or torch)")
+    c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("serve", help="start, stop or check TorchServe")
+    s.add_argument("action", choices=["start", "stop", "status"])
+    s.add_argument("--config", default=os.path.join("model_store", "config.properties"))
+    s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    s.add_argument("--json", action="store_true", help="status as JSON")
+    s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("register", help="register an archive (a new version) through the management API")
+    r.add_argument("archive")
+    r.add_argument("--name", help="model name (default: the archive's)")
+    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--set-default", action="store_true")
+    r.set_defaults(func=cmd_register)
+
+    d = sub.add_parser("set-default", help="make a version the default")
+    d.add_argument("model")
+    d.add_argument("version")
+    d.set_defaults(func=cmd_set_default)
+
+    u = sub.add_parser("unregister", help="unregister a model version (or the model)")
+    u.add_argument("model")
+    u.add_argument("version", nargs="?")
+    u.set_defaults(func=cmd_unregister)
+
+    v = sub.add_parser("versions", help="list a model's versions, workers and build figures")
+    v.add_argument("model")
+    v.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("predict", help="send one prediction")
+    p.add_argument("model")
+    p.add_argument("--version")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--file", help="request body file (.json, .npy, image)")
+    group.add_argument("--json", help="request body as JSON text")
+    p.add_argument("--content-type")
+    p.set_defaults(func=cmd_predict)
+
+    for command in (s, r, d, u, v, p):
+        command.add_argument("--run-dir", default=os.path.join(".tspack", "server"),
+                             help="the server's run folder (key_file.json, logs, state)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TspackCliError, SpecError) as exc:
+        print(f"tspack {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Packaging: a staged artifact -> a self-contained `.mar`, through torch-model-archiver's Python API.
+
+An archive carries the `handlers` package, the manifest (input spec, runtime, provenance, validation
+figures) and `model-config.yaml`, so TorchServe serves it without this pack installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import Optional
+
+import yaml
+
+import handlers
+from archiver.errors import BuildError
+from archiver.spec import ServingSpec
+from handlers.spec import MANIFEST_FILE, ArtifactManifest, parse
+
+HANDLERS_DIR = os.path.dirname(os.path.abspath(handlers.__file__))
+MODEL_CONFIG_FILE = "model-config.yaml"
+
+
+def model_config(serving: ServingSpec, extra: Optional[dict] = None) -> dict:
+    """The archive's model-config.yaml: TorchServe reads batching and workers here, our handler `handler:`."""
+    config = {
+        "minWorkers": serving.workers,
+        "maxWorkers": serving.max_workers or serving.workers,
+        "batchSize": serving.batch_size,
+        "maxBatchDelay": serving.max_batch_delay_ms,
+        "responseTimeout": serving.response_timeout_s,
+    }
+    if serving.job_queue_size:
+        config["jobQueueSize"] = serving.job_queue_size
+    handler = {}
+    if serving.intra_op_threads:
+        handler["intra_op_threads"] = serving.intra_op_threads
+    if handler:
+        config["handler"] = handler
+    config.update(extra or {})
+    return config
+
+
+def copy_handlers(dest_dir: str) -> None:
+    """Copy the handlers package (sources only) into `dest_dir/handlers`."""
+    shutil.copytree(HANDLERS_DIR, os.path.join(dest_dir, "handlers"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def build_mar(stage_dir: str, manifest: ArtifactManifest, serving: ServingSpec, export_dir: str,
+              archive_file: str, handler: Optional[str] = None, config_extra: Optional[dict] = None) -> str:
+    """Package the files in `stage_dir` (model file, class file, labels) into `export_dir/archive_file`.
+
+    The archive is written to a temporary name and moved into place only when complete, so a failed
+    build leaves no partial archive in the model store.
+
+    Returns:
+        the path of the `.mar`.
+    """
+    from model_archiver import ModelArchiver, ModelArchiverConfig
+
+    handler = handler or manifest.frontend
+    with tempfile.TemporaryDirectory(prefix="tspack-pack-") as work:
+        extra = os.path.join(work, "extra")
+        shutil.copytree(stage_dir, extra)
+        copy_handlers(extra)
+        manifest.dump(extra)
+        config_path = os.path.join(work, MODEL_CONFIG_FILE)
+        with open(config_path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(model_config(serving, config_extra), f, sort_keys=False)
+        out = os.path.join(work, "out")
+        os.makedirs(out)
+        config = ModelArchiverConfig(
+            model_name=manifest.name,
+            handler=os.path.join(extra, "handlers", f"{handler}.py"),
+            version=manifest.version,
+            serialized_file=os.path.join(extra, manifest.runtime.file),
+            extra_files=extra,
+            config_file=config_path,
+            export_path=out,
+            force=True,
+        )
+        # torch-model-archiver logs through the root logger and stages in $TMPDIR/<model name>.
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                ModelArchiver.generate_model_archive(config)
+            except Exception as exc:
+                raise BuildError(f"{manifest.name}: torch-model-archiver failed: {exc}") from exc
+        built = os.path.join(out, f"{manifest.name}.mar")
+        os.makedirs(export_dir, exist_ok=True)
+        target = os.path.join(export_dir, archive_file)
+        partial = target + ".partial"
+        shutil.move(built, partial)
+        os.replace(partial, target)
+    logging.getLogger(__name__).info("built %s", target)
+    return target
+
+
+def read_manifest(mar_path: str) -> ArtifactManifest:
+    """The tspack manifest inside a `.mar` (its version, build time and validation figures)."""
+    import json
+
+    try:
+        with zipfile.ZipFile(mar_path) as archive:
+            return parse(ArtifactManifest, json.loads(archive.read(MANIFEST_FILE)))
+    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+        raise BuildError(f"{mar_path}: not a tspack archive ({exc})") from exc
+
+
+def archive_file_name(name: str, version: str) -> str:
+    return f"{name}_v{version}.mar"

@@ -1,0 +1,301 @@
+"""`tspack serve start|stop|status`: run TorchServe with a generated config, and know when it is ready.
+
+Each server gets its own run folder (key_file.json, logs, state) and its own short temp folder, which
+TorchServe uses for its pid file and the worker sockets (`<tmp>/.ts.sock.<port>`); two servers on one
+host therefore do not collide. Start waits until `/ping` answers and every start-up model has a READY
+worker, and fails within seconds with the worker's own error when a worker dies while loading.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import requests
+
+from archiver.client import TorchServeClient
+from archiver.errors import ApiError, ServerError
+from archiver.serving import read_properties
+
+STATE_FILE = "server.json"
+DEFAULT_RUN_DIR = os.path.join(".tspack", "server")
+JAVA_HINT = "TorchServe needs Java 17: install it with `apt-get install -y openjdk-17-jre-headless` (or set JAVA_HOME)"
+
+WORKER_DIED = re.compile(r"Backend worker process died|Load model failed|Worker died|WorkerInitializationException")
+PY_ERROR = re.compile(r"(?:^|\s)((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit)\b:?.*)$")
+
+
+@dataclass
+class ServerHandle:
+    """A running (or recorded) TorchServe: where it listens, its process group, and its folders."""
+
+    run_dir: str
+    config_path: str
+    pid: int
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    token_auth: bool
+    tmp_dir: str
+    started_at: str = ""
+
+    @property
+    def key_file(self) -> Optional[str]:
+        return os.path.join(self.run_dir, "key_file.json") if self.token_auth else None
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.run_dir, "logs")
+
+    def client(self, timeout: float = 60.0) -> TorchServeClient:
+        return TorchServeClient(self.inference_url, self.management_url, self.metrics_url, self.key_file, timeout)
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return False
+        return True
+
+    def save(self) -> None:
+        with open(os.path.join(self.run_dir, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, run_dir: str) -> ServerHandle:
+        path = os.path.join(run_dir, STATE_FILE)
+        if not os.path.isfile(path):
+            raise ServerError(f"no TorchServe recorded in {run_dir}: start one with `tspack serve start`")
+        with open(path, encoding="utf-8") as f:
+            return cls(**json.load(f))
+
+
+def find_java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    java = os.path.join(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not os.path.exists(java):
+        raise ServerError(JAVA_HINT)
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ServerError(f"{JAVA_HINT} ({exc})") from exc
+    match = re.search(r'version "(\d+)', out)
+    if not match or int(match.group(1)) < 11:
+        raise ServerError(f"{JAVA_HINT}; found: {out.strip().splitlines()[0] if out.strip() else 'nothing'}")
+    return java
+
+
+def port_in_use(url: str) -> bool:
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return True
+    return False
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (for tests and benchmarks)."""
+    sockets, ports = [], []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _torchserve_bin() -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), "torchserve")
+    found = candidate if os.path.exists(candidate) else shutil.which("torchserve")
+    if not found:
+        raise ServerError("the `torchserve` command is not installed here (pip install torchserve==0.12.0)")
+    return found
+
+
+def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 180.0,
+          env: Optional[dict] = None, wait_for_models: bool = True) -> ServerHandle:
+    """Launch TorchServe with `config_path` and wait until it serves.
+
+    Raises:
+        ServerError: Java is missing, a port is taken, the server exited, a worker died while loading
+            (with the worker's error), or readiness did not come within `timeout_s`.
+    """
+    config_path = os.path.abspath(config_path)
+    if not os.path.isfile(config_path):
+        raise ServerError(f"config not found: {config_path} (write one with `tspack config`)")
+    props = read_properties(config_path)
+    run_dir = _prepare_run_dir(os.path.abspath(run_dir))
+    java = find_java()
+    urls = {k: props.get(f"{k}_address", d) for k, d in (
+        ("inference", "http://127.0.0.1:8080"), ("management", "http://127.0.0.1:8081"),
+        ("metrics", "http://127.0.0.1:8082"))}
+    for kind, url in urls.items():
+        if port_in_use(url):
+            raise ServerError(f"{kind} address {url} is in use: stop what listens there or choose other ports")
+    tmp_dir = tempfile.mkdtemp(prefix="tspack-ts-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    cmd = [_torchserve_bin(), "--start", "--foreground", "--ncs", "--ts-config", config_path]
+    for flag, key in (("--model-store", "model_store"), ("--workflow-store", "workflow_store")):
+        if props.get(key):
+            cmd += [flag, props[key]]
+    with open(os.path.join(run_dir, "logs", "torchserve.out"), "ab") as out:
+        process = subprocess.Popen(cmd, cwd=run_dir, env=_child_env(run_dir, tmp_dir, java, env), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    handle = ServerHandle(
+        run_dir=run_dir, config_path=config_path, pid=process.pid, inference_url=urls["inference"],
+        management_url=urls["management"], metrics_url=urls["metrics"],
+        token_auth=props.get("disable_token_authorization", "false").lower() != "true", tmp_dir=tmp_dir,
+        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    handle.save()
+    startup_models = [m.split("=", 1)[0] for m in props.get("load_models", "").split(",") if m and m != "ALL"]
+    try:
+        wait_ready(handle, process, startup_models if wait_for_models else [], timeout_s)
+    except BaseException:
+        stop(run_dir, quiet=True)
+        raise
+    return handle
+
+
+def _prepare_run_dir(run_dir: str) -> str:
+    """Create the run folder; refuse when a server already runs from it; clear stale keys and logs."""
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    if os.path.isfile(os.path.join(run_dir, STATE_FILE)):
+        previous = ServerHandle.load(run_dir)
+        if previous.alive():
+            raise ServerError(f"TorchServe already runs from {run_dir} (pid {previous.pid}); `tspack serve stop` first")
+    stale = [os.path.join(run_dir, "key_file.json")]
+    stale += [os.path.join(run_dir, "logs", f) for f in os.listdir(os.path.join(run_dir, "logs"))
+              if f.endswith((".log", ".out"))]
+    for path in stale:
+        if os.path.exists(path):
+            os.remove(path)
+    return run_dir
+
+
+def _child_env(run_dir: str, tmp_dir: str, java: str, extra: Optional[dict]) -> dict:
+    env = dict(os.environ)
+    # The archive's own handlers must win over any checkout on PYTHONPATH: the worker puts PYTHONPATH first.
+    env.pop("PYTHONPATH", None)
+    env.update({
+        "TEMP": tmp_dir, "TMPDIR": tmp_dir, "LOG_LOCATION": os.path.join(run_dir, "logs"),
+        "METRICS_LOCATION": os.path.join(run_dir, "logs"), "PYTHONUNBUFFERED": "1",
+        "JAVA_HOME": os.environ.get("JAVA_HOME") or os.path.dirname(os.path.dirname(os.path.realpath(java))),
+    })
+    env.update(extra or {})
+    return env
+
+
+def wait_ready(handle: ServerHandle, process: Optional[subprocess.Popen], models: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    client = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"TorchServe exited with code {process.returncode}: {log_tail(handle)}")
+        death = worker_failure(handle)
+        if death:
+            raise ServerError(death)
+        if handle.key_file and not os.path.exists(handle.key_file):
+            time.sleep(0.2)
+            continue
+        client = client or handle.client(timeout=5)
+        try:
+            if client.ping().get("status") == "Healthy" and all(model_ready(client, m) for m in models):
+                return
+        except (requests.RequestException, ApiError, ValueError, AttributeError):
+            pass
+        time.sleep(0.2)
+    raise ServerError(f"TorchServe was not ready within {timeout_s:.0f}s: {log_tail(handle)}")
+
+
+def model_ready(client: TorchServeClient, model: str) -> bool:
+    try:
+        description = client.describe(model)
+    except ApiError:
+        return False
+    return any(w.get("status") == "READY" for d in description for w in d.get("workers", []))
+
+
+def _read(path: str, limit: int = 400_000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def worker_failure(handle: ServerHandle) -> Optional[str]:
+    """The worker's own error when a worker died while loading, else None."""
+    ts_log = _read(os.path.join(handle.log_dir, "ts_log.log"))
+    if not WORKER_DIED.search(ts_log):
+        return None
+    model_log = _read(os.path.join(handle.log_dir, "model_log.log")) + "\n" + ts_log
+    errors = [m.group(1).strip() for line in model_log.splitlines() if (m := PY_ERROR.search(line))]
+    useful = [e for e in errors if "Traceback" not in e and "WorkerInitializationException" not in e]
+    reason = useful[-1] if useful else "no Python error was logged (see the logs)"
+    return f"a worker died while loading its model: {reason} (logs: {handle.log_dir})"
+
+
+def log_tail(handle: ServerHandle, lines: int = 15) -> str:
+    text = _read(os.path.join(handle.log_dir, "torchserve.out")) + _read(os.path.join(handle.log_dir, "ts_log.log"))
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return ("\n" + "\n".join(tail)) if tail else f"(no output; logs in {handle.log_dir})"
+
+
+def stop(run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 30.0, quiet: bool = False) -> bool:
+    """Stop the TorchServe recorded in `run_dir` (its whole process group). Returns False if none ran."""
+    try:
+        handle = ServerHandle.load(os.path.abspath(run_dir))
+    except ServerError:
+        if quiet:
+            return False
+        raise
+    was_alive = handle.alive()
+    if was_alive:
+        _signal_group(handle.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while handle.alive() and time.monotonic() < deadline:
+            _reap(handle.pid)
+            time.sleep(0.1)
+        if handle.alive():
+            _signal_group(handle.pid, signal.SIGKILL)
+        _reap(handle.pid)
+    # Workers outlive a SIGTERMed frontend for a moment; make sure none stays.
+    _signal_group(handle.pid, signal.SIGKILL)
+    shutil.rmtree(handle.tmp_dir, ignore_errors=True)
+    for leftover in (STATE_FILE, "key_file.json"):
+        try:
+            os.remove(os.path.join(handle.run_dir, leftover))
+        except OSError:
+            pass
+    return was_alive
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,110 @@
+"""The base every tspack handler extends.
+
+It owns what is the same for every artifact: reading the archive's manifest, placing the worker
+(device, threads), loading the runtime the manifest names, batch-correct `handle()`, per-request
+HTTP statuses, `describe`, and metrics. Subclasses only say which front end they serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+
+from handlers.device import placement_for
+from handlers.errors import ModelLoadError
+from handlers.frontends import frontend_for
+from handlers.metrics import HandlerMetrics
+from handlers.pipeline import Answer, BatchStats, Pipeline
+from handlers.request import requests_from_batch
+from handlers.runtimes import load_runtime
+from handlers.spec import ArtifactManifest
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def is_describe_request(context: Any) -> bool:
+    """TorchServe sends `GET /models/{name}?customized=true` to the handler with header describe=True."""
+    try:
+        return context.get_request_header(0, "describe") == "True"
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def write_answers(answers: list[Answer], context: Any) -> list[str]:
+    """Set each request's own status and content type, and return the bodies in request order."""
+    bodies = []
+    for idx, answer in enumerate(answers):
+        if context is not None and getattr(context, "request_processor", None):
+            context.set_response_content_type(idx, JSON)
+            if answer.status != 200:
+                phrase = answer.body.get("type", "error")
+                context.set_response_status(answer.status, phrase, idx)
+        bodies.append(json.dumps(answer.body, separators=(",", ":")))
+    return bodies
+
+
+class TspackHandler:
+    """Serves one artifact. Subclasses set `frontend_name` to the front end they accept."""
+
+    frontend_name: ClassVar[Optional[str]] = None
+
+    def __init__(self):
+        self.initialized = False
+        self.context: Any = None
+        self.pipeline: Optional[Pipeline] = None
+        self.metrics: Optional[HandlerMetrics] = None
+        self.model_dir = ""
+
+    def initialize(self, context: Any) -> None:
+        self.context = context
+        self.model_dir = context.system_properties["model_dir"]
+        manifest = ArtifactManifest.load(self.model_dir)
+        if self.frontend_name and manifest.frontend != self.frontend_name:
+            raise ModelLoadError(
+                f"archive was built for the '{manifest.frontend}' front end "
+                f"but its handler serves '{self.frontend_name}'")
+        placement = placement_for(context, manifest.runtime.intra_op_threads)
+        runtime = load_runtime(manifest, self.model_dir, placement)
+        self.pipeline = Pipeline(manifest, frontend_for(manifest), runtime)
+        self.metrics = HandlerMetrics(context, manifest)
+        warm_up(self.pipeline)
+        self.initialized = True
+        logger.info("tspack loaded %s %s: %s from %s", manifest.name, manifest.version,
+                    runtime.describe(), os.path.dirname(os.path.abspath(__file__)))
+
+    def handle(self, data: list, context: Any) -> list[str]:
+        if is_describe_request(context):
+            return [json.dumps(self.describe())]
+        started = time.perf_counter()
+        stats = BatchStats()
+        answers = self.pipeline.process(requests_from_batch(data, context), stats=stats)
+        self.metrics.record(answers, stats, (time.perf_counter() - started) * 1000.0)
+        return write_answers(answers, context)
+
+    def describe(self) -> dict:
+        description = self.pipeline.describe()
+        description["handler"] = {"class": type(self).__name__,
+                                  "code_dir": os.path.dirname(os.path.abspath(__file__))}
+        return description
+
+
+def warm_up(pipeline: Pipeline) -> None:
+    """Run the model twice on zeros so the first client does not pay for lazy init and JIT profiling."""
+    shape = tuple(1 if d == -1 else d for d in pipeline.manifest.input.shape)
+    if pipeline.manifest.frontend == "image" and pipeline.manifest.image is not None:
+        image = pipeline.manifest.image
+        shape = (image.channels, image.height, image.width)
+    sample = np.zeros((1, *shape), dtype=np.dtype(pipeline.manifest.input.dtype))
+    for _ in range(2):
+        try:
+            pipeline.runtime.run(sample)
+        except Exception:  # a warm-up failure is not fatal: real requests will report the problem
+            logger.warning("warm-up run failed", exc_info=True)
+            return

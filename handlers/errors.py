@@ -1,0 +1,126 @@
+"""Typed errors of the serving path, each carrying its HTTP status.
+
+Every error a handler can answer a request with is defined here, once. `error_response` is the one
+place where an exception becomes an HTTP status and a JSON body, so the mapping cannot drift between
+handlers.
+"""
+
+from __future__ import annotations
+
+import http
+
+
+class TspackError(Exception):
+    """Root of all tspack errors. `status` is the HTTP code, `type` a stable machine-readable name."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+
+class SpecError(TspackError, ValueError):
+    """A spec, manifest or config value is missing, unknown or out of range. The message names the key."""
+
+    type = "spec_error"
+
+
+# --- request errors: the client sent something we refuse (4xx) ---------------------------------------
+
+
+class InvalidInput(TspackError):
+    status = 400
+    type = "invalid_input"
+
+
+class EmptyBody(InvalidInput):
+    type = "empty_body"
+
+
+class MalformedJSON(InvalidInput):
+    type = "malformed_json"
+
+
+class MalformedPayload(InvalidInput):
+    """Bytes that claim a format (npy, base64, multipart) but do not parse as it."""
+
+    type = "malformed_payload"
+
+
+class InvalidRouteKey(InvalidInput):
+    type = "invalid_route_key"
+
+
+class UnprocessableInput(TspackError):
+    """Well-formed input that does not fit the model: wrong shape, dtype, or values."""
+
+    status = 422
+    type = "unprocessable_input"
+
+
+class ShapeMismatch(UnprocessableInput):
+    type = "shape_mismatch"
+
+
+class DTypeMismatch(UnprocessableInput):
+    type = "dtype_mismatch"
+
+
+class NonFiniteInput(UnprocessableInput):
+    type = "non_finite_input"
+
+
+class UndecodableImage(UnprocessableInput):
+    type = "undecodable_image"
+
+
+class PayloadTooLarge(TspackError):
+    status = 413
+    type = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    type = "image_too_large"
+
+
+class UnsupportedMediaType(TspackError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+# --- server errors: our side failed (5xx) --------------------------------------------------------------
+
+
+class ModelLoadError(TspackError):
+    status = 500
+    type = "model_load_error"
+
+
+class IntegrityError(ModelLoadError):
+    """The weights in the archive are not the ones the build validated (SHA-256 mismatch)."""
+
+    type = "integrity_error"
+
+
+class InferenceFailed(TspackError):
+    status = 500
+    type = "inference_failed"
+
+
+class OutOfResources(TspackError):
+    status = 507
+    type = "out_of_resources"
+
+
+def error_response(exc: BaseException) -> tuple[int, str, dict]:
+    """Map any exception to (HTTP status, reason phrase, JSON body).
+
+    tspack errors keep their own status and message; anything else is an unexpected server fault,
+    answered 500 without leaking internals beyond the exception's class name.
+    """
+    if isinstance(exc, TspackError):
+        status, kind, message = exc.status, exc.type, str(exc) or exc.type
+    elif isinstance(exc, MemoryError):
+        status, kind, message = OutOfResources.status, OutOfResources.type, "out of memory"
+    else:
+        status, kind, message = 500, "internal_error", f"{type(exc).__name__}: {exc}"
+    phrase = http.HTTPStatus(status).phrase
+    return status, phrase, {"error": message, "type": kind, "status": status}

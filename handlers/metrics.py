@@ -1,0 +1,84 @@
+"""Prometheus metrics emitted through TorchServe's metrics API.
+
+Each metric is declared in the metrics config the pack generates (`tspack config` writes it next to
+config.properties), with the dimension names below in this order; TorchServe appends `Hostname`.
+A broken metric must never break inference, so every emission failure is logged once and swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REQUESTS = "tspack_requests_total"
+ERRORS = "tspack_errors_total"
+ROWS = "tspack_rows_total"
+BATCHES = "tspack_batches_total"
+LATENCY = "tspack_handler_latency_seconds"
+SHADOW = "tspack_shadow_total"
+
+# name -> (TorchServe metric type, unit, dimension names without Hostname)
+DECLARED = {
+    REQUESTS: ("counter", "Count", ["ModelName", "ModelVersion", "Variant", "Status"]),
+    ERRORS: ("counter", "Count", ["ModelName", "ModelVersion", "Variant", "ErrorType"]),
+    ROWS: ("counter", "Count", ["ModelName", "ModelVersion", "Variant"]),
+    BATCHES: ("counter", "Count", ["ModelName", "ModelVersion", "Variant"]),
+    LATENCY: ("histogram", "Seconds", ["ModelName", "ModelVersion"]),
+    SHADOW: ("counter", "Count", ["ModelName", "Primary", "Shadow", "Outcome"]),
+}
+
+NO_VARIANT = "none"
+
+
+class HandlerMetrics:
+    """Thin, failure-proof wrapper over `context.metrics` for one served model."""
+
+    def __init__(self, context: Any, manifest: Any):
+        self.cache = getattr(context, "metrics", None)
+        self.model = getattr(context, "model_name", None) or manifest.name
+        self.version = manifest.version
+        self._warned: set[str] = set()
+
+    def record(self, answers: Iterable[Any], stats: Any, latency_ms: float,
+               version: str | None = None, variant: str = NO_VARIANT) -> None:
+        """Count requests by status and errors by type, rows and runs, and observe handler latency."""
+        version = version or self.version
+        by_status: dict[str, int] = {}
+        for answer in answers:
+            by_status[str(answer.status)] = by_status.get(str(answer.status), 0) + 1
+        for status, count in by_status.items():
+            self.add(REQUESTS, count, [self.model, version, variant, status])
+        for error_type, count in stats.errors.items():
+            self.add(ERRORS, count, [self.model, version, variant, error_type])
+        if stats.runs:
+            self.add(ROWS, stats.rows, [self.model, version, variant])
+            self.add(BATCHES, stats.runs, [self.model, version, variant])
+        self.add(LATENCY, latency_ms / 1000.0, [self.model, version])
+
+    def shadow(self, primary: str, shadow: str, outcome: str) -> None:
+        self.add(SHADOW, 1, [self.model, primary, shadow, outcome])
+
+    def add(self, name: str, value: float, dimension_values: list[str]) -> None:
+        if self.cache is None:
+            return
+        try:
+            from ts.metrics.metric_type_enum import MetricTypes
+
+            kind = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE,
+                    "histogram": MetricTypes.HISTOGRAM}[DECLARED[name][0]]
+            self.cache.get_metric(name, kind).add_or_update(value, dimension_values)
+        except Exception as exc:  # undeclared metric (foreign config), bad dims: log once, keep serving
+            if name not in self._warned:
+                self._warned.add(name)
+                logger.warning("metric %s not emitted (declare it in the metrics config): %s", name, exc)
+
+
+def metrics_yaml_section() -> dict:
+    """The `model_metrics` entries the generated metrics config declares."""
+    section: dict[str, list] = {}
+    for name, (kind, unit, dims) in DECLARED.items():
+        section.setdefault(kind, []).append({"name": name, "unit": unit, "dimensions": list(dims)})
+    return section

@@ -1,0 +1,265 @@
+"""What an archive declares about its model: input, output, preprocessing, runtime, provenance.
+
+The archiver writes an `ArtifactManifest` as `tspack-manifest.json` into every archive; the handlers read
+it back. Both sides use these dataclasses, so the contract is declared once. `parse` turns plain
+dicts (JSON, YAML) into them and refuses unknown keys and bad values with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from handlers.errors import SpecError
+
+MANIFEST_FILE = "tspack-manifest.json"
+
+DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
+Frontend = Literal["tensor", "image"]
+ModelFormat = Literal["torchscript", "state_dict", "onnx"]
+Precision = Literal["fp32", "fp16"]
+Quantization = Literal["dynamic-int8", "static-int8", "qat-int8"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+OutputKind = Literal["classification", "raw"]
+ColorMode = Literal["L", "RGB"]
+
+
+def parse(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, recursively.
+
+    Args:
+        cls: a dataclass type from this module or another that follows the same conventions.
+        data: a dict as read from JSON or YAML.
+        path: dotted location used in error messages (e.g. "models.mnist.input").
+
+    Raises:
+        SpecError: an unknown or missing key, or a value of the wrong type or outside its allowed set.
+    """
+    where = path or cls.__name__
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SpecError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        key_path = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{key_path}: missing required key")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], key_path)
+    try:
+        return cls(**kwargs)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(typing.get_args(hint), value, path)
+    if origin is Literal:
+        args = typing.get_args(hint)
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise SpecError(f"{path}: {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{path}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        item_hint = args[0] if args else Any
+        return tuple(_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{path}: expected a mapping, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        value_hint = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(value_hint, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, path)
+    return _coerce_scalar(hint, value, path)
+
+
+def _coerce_union(args: tuple, value: Any, path: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    for candidate in inner[:-1]:
+        try:
+            return _coerce(candidate, value, path)
+        except SpecError:
+            continue
+    return _coerce(inner[-1], value, path)
+
+
+# scalar type -> (accepts, what the message says is expected)
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _coerce_scalar(hint: Any, value: Any, path: str) -> Any:
+    if hint not in _SCALARS:
+        return value
+    accepts, expected = _SCALARS[hint]
+    if not accepts(value):
+        raise SpecError(f"{path}: expected {expected}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> JSON-ready dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SpecError(message)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One sample's tensor. A request may carry one sample of `shape` or up to `max_rows` of them
+    stacked on a leading axis. -1 in `shape` marks an axis of free length (e.g. a sequence)."""
+
+    shape: tuple[int, ...]
+    dtype: DType = "float32"
+    name: str = "input"
+    allow_nonfinite: bool = False
+    max_rows: int = 64
+
+    def __post_init__(self):
+        _require(len(self.shape) >= 1, "input.shape: needs at least one axis")
+        _require(all(d == -1 or d > 0 for d in self.shape), f"input.shape: axes must be > 0 or -1, got {self.shape}")
+        _require(self.max_rows >= 1, f"input.max_rows: must be >= 1, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Preprocessing of an image request into a CHW float tensor, declared at build time.
+
+    The image is converted to `mode`, resized so its shorter side is `resize` (or straight to
+    height x width when `resize` is None), center-cropped to height x width, scaled by `scale`,
+    then normalised per channel with `mean`/`std`.
+    """
+
+    height: int
+    width: int
+    mode: ColorMode = "RGB"
+    resize: Optional[int] = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1.0 / 255.0
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self):
+        _require(self.height > 0 and self.width > 0, "image.height/width: must be > 0")
+        _require(self.resize is None or self.resize >= min(self.height, self.width),
+                 f"image.resize: {self.resize} is smaller than the crop {self.height}x{self.width}")
+        channels = 1 if self.mode == "L" else 3
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            _require(len(values) in (1, channels), f"image.{key}: needs 1 or {channels} values for mode {self.mode}")
+        _require(all(s > 0 for s in self.std), "image.std: values must be > 0")
+        _require(self.max_bytes > 0 and self.max_pixels > 0, "image.max_bytes/max_pixels: must be > 0")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How a model's output row becomes JSON: top-k classes, or the raw values."""
+
+    kind: OutputKind = "raw"
+    top_k: int = 5
+    labels: tuple[str, ...] = ()
+    softmax: bool = True
+
+    def __post_init__(self):
+        _require(self.top_k >= 1, f"output.top_k: must be >= 1, got {self.top_k}")
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if index < len(self.labels) else str(index)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Which file holds the model and how to run it."""
+
+    format: ModelFormat
+    file: str
+    sha256: str
+    model_class: Optional[str] = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    quantization: Optional[Quantization] = None
+    precision: Precision = "fp32"
+    intra_op_threads: Optional[int] = None
+    graph_optimization: GraphOptimization = "all"
+
+    def __post_init__(self):
+        _require(self.format != "state_dict" or bool(self.model_class),
+                 "runtime.model_class: required for format 'state_dict' (e.g. 'model.py:Net')")
+        _require(self.intra_op_threads is None or self.intra_op_threads >= 1,
+                 "runtime.intra_op_threads: must be >= 1")
+        _require(len(self.sha256) == 64, "runtime.sha256: must be a hex SHA-256 digest")
+
+
+@dataclass(frozen=True)
+class ArtifactManifest:
+    """Everything a handler needs to serve one artifact, plus the figures that proved it at build."""
+
+    name: str
+    version: str
+    frontend: Frontend
+    runtime: RuntimeSpec
+    input: InputSpec
+    output: OutputSpec = field(default_factory=OutputSpec)
+    image: Optional[ImageSpec] = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    built_at: str = ""
+    optimizations: tuple[str, ...] = ()
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(self.frontend != "image" or self.image is not None, "image: required when frontend is 'image'")
+        _require(self.max_body_bytes > 0, "max_body_bytes: must be > 0")
+
+    @classmethod
+    def load(cls, model_dir: str) -> ArtifactManifest:
+        path = os.path.join(model_dir, MANIFEST_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError(f"{MANIFEST_FILE}: cannot read {path}: {exc}") from exc
+        return parse(cls, data)
+
+    def dump(self, model_dir: str) -> str:
+        path = os.path.join(model_dir, MANIFEST_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(to_dict(self), f, indent=2, sort_keys=True)
+        return path

@@ -204,11 +204,11 @@ def wait_ready(handle: ServerHandle, process: Optional[subprocess.Popen], models
     deadline = time.monotonic() + timeout_s
     client = None
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise ServerError(f"TorchServe exited with code {process.returncode}: {log_tail(handle)}")
         death = worker_failure(handle)
         if death:
             raise ServerError(death)
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"TorchServe exited with code {process.returncode}: {log_tail(handle)}")
         if handle.key_file and not os.path.exists(handle.key_file):
             time.sleep(0.2)
             continue
@@ -245,10 +245,11 @@ def worker_failure(handle: ServerHandle) -> Optional[str]:
     ts_log = _read(os.path.join(handle.log_dir, "ts_log.log"))
     if not WORKER_DIED.search(ts_log):
         return None
-    model_log = _read(os.path.join(handle.log_dir, "model_log.log")) + "\n" + ts_log
-    errors = [m.group(1).strip() for line in model_log.splitlines() if (m := PY_ERROR.search(line))]
-    useful = [e for e in errors if "Traceback" not in e and "WorkerInitializationException" not in e]
-    reason = useful[-1] if useful else "no Python error was logged (see the logs)"
+    worker_lines = [line.split("MODEL_LOG - ", 1)[1] for line in
+                    (_read(os.path.join(handle.log_dir, "model_log.log")) + "\n" + ts_log).splitlines()
+                    if "MODEL_LOG - " in line]
+    errors = [m.group(1).strip() for line in worker_lines if (m := PY_ERROR.search(line))]
+    reason = errors[-1] if errors else "the worker logged no Python error"
     return f"a worker died while loading its model: {reason} (logs: {handle.log_dir})"
 
 

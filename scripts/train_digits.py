@@ -69,7 +69,7 @@ def write_pngs(x: np.ndarray, y: np.ndarray, folder: str, count: int = 12) -> No
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join("model_store", "work"))
-    parser.add_argument("--v1-epochs", type=int, default=1)
+    parser.add_argument("--v1-epochs", type=int, default=3)
     parser.add_argument("--v2-epochs", type=int, default=25)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -66,7 +66,7 @@ class TensorFrontend:
             payload = payload["data"]
         elif not isinstance(payload, list):
             raise MalformedJSON(f"expected a JSON object or list, got {type(payload).__name__}")
-        return self._shaped(_to_array(payload, self.spec), protocol="json")
+        return self._finish(_to_array(payload, self.spec), protocol="json")
 
     def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.manifest.max_body_bytes:
@@ -108,7 +108,7 @@ class TensorFrontend:
             array = np.load(io.BytesIO(payload), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise MalformedPayload(f"body looks like .npy but does not parse: {exc}") from exc
-        return self._shaped(_checked_dtype(array, self.spec), protocol="npy")
+        return self._finish(array, protocol="npy")
 
     def _from_oip(self, payload: dict) -> Decoded:
         inputs = payload.get("inputs")
@@ -132,9 +132,15 @@ class TensorFrontend:
         array = _to_array(tensor["data"], self.spec, declared=OIP_DATATYPES[datatype])
         if array.size != int(np.prod(shape)):
             raise ShapeMismatch(f"OIP data has {array.size} values but shape {shape} needs {int(np.prod(shape))}")
-        decoded = self._shaped(array.reshape(shape), protocol="oip")
+        decoded = self._finish(array.reshape(shape), protocol="oip")
         if "id" in payload:
             decoded.meta["id"] = payload["id"]
+        return decoded
+
+    def _finish(self, array: np.ndarray, protocol: str) -> Decoded:
+        """Shape first (the more basic mistake), then dtype and values."""
+        decoded = self._shaped(array, protocol)
+        decoded.array = _checked_dtype(decoded.array, self.spec)
         return decoded
 
     def _shaped(self, array: np.ndarray, protocol: str) -> Decoded:
@@ -182,7 +188,7 @@ def _to_array(values: Any, spec: InputSpec, declared: str | None = None) -> np.n
         raise DTypeMismatch(f"input '{spec.name}' holds values that are not {expected}: {message}") from exc
     except RecursionError as exc:
         raise ShapeMismatch(f"input '{spec.name}' is nested too deeply") from exc
-    return _checked_dtype(array, spec)
+    return array
 
 
 def _checked_dtype(array: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -1,0 +1,128 @@
+"""`make demo`: train, build, serve, version and query the digits model, the way a user would.
+
+Every step runs the same `tspack` command or `curl` a user would type, and prints it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+STORE = "model_store"
+WORK = os.path.join(STORE, "work")
+CONFIG = os.path.join(STORE, "config.properties")
+RUN_DIR = os.path.join(".tspack", "server")
+KEY_FILE = os.path.join(RUN_DIR, "key_file.json")
+INFERENCE = "http://127.0.0.1:8080"
+
+
+def step(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def run(*cmd: str, capture: bool = False) -> str:
+    shown = " ".join(shlex.quote(c) for c in cmd).replace(BIN + "/", "")
+    print(f"$ {shown}", flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=capture)
+    if result.returncode != 0:
+        if capture:
+            sys.stdout.write(result.stdout + result.stderr)
+        sys.exit(f"demo: step failed (exit {result.returncode}): {shown}")
+    return result.stdout if capture else ""
+
+
+def tspack(*args: str, capture: bool = False) -> str:
+    return run(os.path.join(BIN, "tspack"), *args, capture=capture)
+
+
+def inference_key() -> str:
+    with open(os.path.join(ROOT, KEY_FILE), encoding="utf-8") as f:
+        return json.load(f)["inference"]["key"]
+
+
+def curl_predict(path: str, body_file: str, key: str) -> dict:
+    cmd = ["curl", "-s", f"{INFERENCE}/predictions/{path}", "-H", f"Authorization: Bearer {key}",
+           "-H", "Content-Type: application/json", "--data-binary", f"@{body_file}"]
+    print(f'$ curl -s {INFERENCE}/predictions/{path} -H "Authorization: Bearer $KEY" '
+          f'-H "Content-Type: application/json" --data-binary @{body_file}', flush=True)
+    out = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout
+    return json.loads(out)
+
+
+def served_accuracy(version: str, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of one served version on the held-out set, one HTTP request per image."""
+    sys.path.insert(0, ROOT)
+    from archiver.server import ServerHandle
+
+    client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
+
+    def predict(i: int) -> int:
+        response = client.predict("digits", {"data": x[i].tolist()}, version=version)
+        response.raise_for_status()
+        return response.json()["predictions"][0]["index"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        predicted = list(pool.map(predict, range(len(x))))
+    return float(np.mean(np.array(predicted) == y))
+
+
+def main() -> int:
+    os.chdir(ROOT)
+    step("1. Train the digits CNN on scikit-learn's 8x8 digits: version 1.0 (short) and 2.0 (longer)")
+    run(sys.executable, "scripts/train_digits.py", "--out", WORK)
+
+    step("2. Export to TorchScript, validate against eager, package .mar archives (config/deploy.yaml)")
+    tspack("build", "--spec", "config/deploy.yaml")
+
+    step("3. Generate config.properties (token auth on, model API on for registering versions)")
+    tspack("serve", "stop")
+    tspack("config", "--load", "digits_v1.0.mar", "--enable-model-api", "--out", CONFIG)
+
+    step("4. Start TorchServe with version 1.0")
+    tspack("serve", "start", "--config", CONFIG)
+
+    step("5. Register version 2.0 through the management API and make it the default")
+    tspack("register", os.path.join(STORE, "digits_v2.0.mar"))
+    tspack("set-default", "digits", "2.0")
+    tspack("versions", "digits")
+
+    step("6. Predict held-out digits with curl (default version = 2.0)")
+    held_out = np.load(os.path.join(WORK, "heldout.npz"))
+    x, y = held_out["x"], held_out["y"]
+    key = inference_key()
+    print(f"$ KEY=$(python -c \"import json;print(json.load(open('{KEY_FILE}'))['inference']['key'])\")")
+    for i in range(5):
+        body_file = os.path.join(WORK, f"heldout_{i}.json")
+        with open(body_file, "w", encoding="utf-8") as f:
+            json.dump({"data": x[i].tolist()}, f)
+        answer = curl_predict("digits", body_file, key)
+        top = answer["predictions"][0]
+        print(f"  -> version {answer['version']}: predicted {top['index']} ({top['label']}, "
+              f"p={top['probability']:.3f}), true label {y[i]}")
+
+    step(f"7. Accuracy of each version as served, on all {len(y)} held-out digits")
+    for version in ("1.0", "2.0"):
+        print(f"  digits {version}: {served_accuracy(version, x, y):.1%} held-out accuracy", flush=True)
+
+    step("Done. TorchServe keeps running.")
+    print(f"""  Call it again:
+    KEY=$(python -c "import json;print(json.load(open('{KEY_FILE}'))['inference']['key'])")
+    curl -s {INFERENCE}/predictions/digits -H "Authorization: Bearer $KEY" \\
+         -H "Content-Type: application/json" --data-binary @{os.path.join(WORK, 'heldout_0.json')}
+    .venv/bin/tspack predict digits --file {os.path.join(WORK, 'heldout_0.json')}
+    .venv/bin/tspack serve status
+  Stop it:
+    .venv/bin/tspack serve stop      (or: make stop)""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

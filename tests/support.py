@@ -1,0 +1,131 @@
+"""Shared test helpers: tiny real models, real archives, real TorchServe contexts and servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from archiver.build import build
+from archiver.server import ServerHandle, free_ports, start
+from archiver.serving import ModelEntry, ServerConfig, write_config
+from archiver.spec import DeploySpec
+from handlers.spec import parse
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_CLASS = os.path.join(REPO, "archiver", "zoo", "digits_cnn.py") + ":DigitsCNN"
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digits_weights(folder: str, seed: int) -> str:
+    """A DigitsCNN state_dict with seeded random weights (inference tests need no training)."""
+    from archiver.zoo.digits_cnn import DigitsCNN
+
+    torch.manual_seed(seed)
+    path = os.path.join(folder, f"digits_seed{seed}.pt")
+    torch.save(DigitsCNN().state_dict(), path)
+    return path
+
+
+def digits_samples(folder: str, count: int = 32, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    path = os.path.join(folder, "samples.npz")
+    np.savez(path, x=rng.random((count, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, count))
+    return path
+
+
+def digits_model(name: str, version: str, weights: str, samples: Optional[str] = None, **overrides: Any) -> dict:
+    model = {
+        "name": name, "version": version,
+        "source": {"model_class": DIGITS_CLASS, "weights": weights},
+        "input": {"shape": [1, 8, 8], "dtype": "float32"},
+        "output": {"kind": "classification", "top_k": 3, "labels": LABELS},
+        "serving": {"batch_size": 8, "max_batch_delay_ms": 5, "workers": 1},
+        "max_body_bytes": 64 * 1024,
+    }
+    if samples:
+        model["samples"] = {"file": samples}
+    model.update(overrides)
+    return model
+
+
+def build_models(store: str, models: list[dict]) -> list:
+    spec = parse(DeploySpec, {"models": models, "model_store": store})
+    result = build(spec, progress=False)
+    failed = [(e.key, e.error) for e in result.failed]
+    assert not failed, failed
+    return result.entries
+
+
+def extract(mar_path: str, folder: str) -> str:
+    """Unpack an archive the way TorchServe does, into `folder`."""
+    with zipfile.ZipFile(mar_path) as z:
+        z.extractall(folder)
+    return folder
+
+
+def make_context(model_dir: str, batch: int = 8, gpu: Optional[int] = None, metrics: Any = None):
+    """A real `ts.context.Context` for a model folder, as TorchServe builds it for a worker."""
+    from ts.context import Context
+
+    with open(os.path.join(model_dir, "MAR-INF", "MANIFEST.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    config_file = os.path.join(model_dir, "model-config.yaml")
+    model_yaml = {}
+    if os.path.exists(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            model_yaml = yaml.safe_load(f)
+    return Context(manifest["model"]["modelName"], model_dir, manifest, batch, gpu, "0.12.0",
+                   metrics=metrics, model_yaml_config=model_yaml)
+
+
+def torchserve_batch(context: Any, bodies: list[tuple[Any, str]], headers: Optional[list[dict]] = None) -> list[dict]:
+    """Give `context` the per-request metadata TorchServe sets, and return the handler's `data` list.
+
+    bodies: (payload, content type) per request; payload as TorchServe passes it (bytes when
+    decode_input_request=false).
+    """
+    from ts.context import RequestProcessor
+
+    processors, data = [], []
+    for i, (payload, content_type) in enumerate(bodies):
+        request_headers = {"body": {"content-type": content_type}}
+        request_headers.update((headers or [{}] * len(bodies))[i])
+        processors.append(RequestProcessor(request_headers))
+        data.append({"body": payload})
+    context.request_processor = processors
+    context.request_ids = {i: f"req-{i}" for i in range(len(bodies))}
+    return data
+
+
+def statuses(context: Any, count: int) -> list[int]:
+    return [context.get_response_status(i)[0] for i in range(count)]
+
+
+def start_server(run_dir: str, store: str, entries: list[ModelEntry], model_api: bool = True,
+                 token_auth: bool = True, **config: Any) -> ServerHandle:
+    inference, management, metrics = free_ports(3)
+    server_config = ServerConfig(model_store=store, inference_port=inference, management_port=management,
+                                 metrics_port=metrics, models=tuple(entries), model_api=model_api,
+                                 token_auth=token_auth, **config)
+    path = write_config(server_config, os.path.join(run_dir, "config.properties"))
+    return start(path, os.path.join(run_dir, "run"), timeout_s=180)
+
+
+def eager_outputs(weights: str, x: np.ndarray) -> np.ndarray:
+    from archiver.zoo.digits_cnn import DigitsCNN
+
+    model = DigitsCNN()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    with torch.inference_mode():
+        return model.eval()(torch.from_numpy(x)).numpy()
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -22,7 +22,7 @@ demo: java $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check handlers archiver tests scripts benchmarks
+	$(BIN)/ruff check .
 
 test: java $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,7 @@ Quantization = Literal["dynamic-int8", "static-int8", "qat-int8"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 OutputKind = Literal["classification", "raw"]
 ColorMode = Literal["L", "RGB"]
+Resample = Literal["nearest", "box", "bilinear", "bicubic", "lanczos"]
 
 
 def parse(cls: type, data: Any, path: str = "") -> Any:
@@ -162,13 +163,15 @@ class ImageSpec:
 
     The image is converted to `mode`, resized so its shorter side is `resize` (or straight to
     height x width when `resize` is None), center-cropped to height x width, scaled by `scale`,
-    then normalised per channel with `mean`/`std`.
+    then normalised per channel with `mean`/`std`. `max_bytes` and `max_pixels` are checked before
+    the image is decoded.
     """
 
     height: int
     width: int
     mode: ColorMode = "RGB"
     resize: Optional[int] = None
+    resample: Resample = "bilinear"
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     scale: float = 1.0 / 255.0

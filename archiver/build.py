@@ -7,6 +7,7 @@ leaves nothing in the model store and is reported with its reason.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -46,7 +47,7 @@ class BuildResult:
 class Exported:
     """An artifact written into the staging folder, with what was done to produce it."""
 
-    runtime: RuntimeSpec
+    runtime: Optional[RuntimeSpec]
     optimizations: list[str] = field(default_factory=list)
     criteria: Optional[Criteria] = None
     parameters: Optional[int] = None
@@ -96,40 +97,131 @@ def count_parameters(model: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def _calibration(model: ModelSpec, artifact: ArtifactSpec, inputs: np.ndarray) -> np.ndarray:
+    """Calibration samples for static int8: the quantize spec's file, else the model's samples."""
+    spec = artifact.quantize
+    key = f"models.{model.name}.artifacts.{artifact.id}.quantize.calibration_file"
+    data = inputs
+    if spec.calibration_file:
+        try:
+            data = np.load(spec.calibration_file, allow_pickle=False)[spec.calibration_key]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SpecError(f"{key}: cannot read '{spec.calibration_key}' from {spec.calibration_file}: {exc}") from exc
+    shape = model.input.shape
+    if data.ndim != len(shape) + 1 or any(e != -1 and s != e for s, e in zip(data.shape[1:], shape)):
+        expected = ", ".join(map(str, shape))
+        raise SpecError(f"{key}: calibration data has shape {tuple(data.shape)}, expected (N, {expected})")
+    return np.ascontiguousarray(data[: spec.calibration_samples].astype(np.dtype(model.input.dtype), copy=False))
+
+
+def _criteria(model: ModelSpec, artifact: ArtifactSpec) -> Criteria:
+    """Numeric tolerance for faithful exports; task metrics once pruning or int8 change the numbers."""
+    if not (artifact.quantize or artifact.prune):
+        return Criteria(tolerance=artifact.tolerance or model.tolerance)
+    drops = [s.max_accuracy_drop for s in (artifact.quantize, artifact.prune) if s]
+    agreement = artifact.quantize.min_top1_agreement if artifact.quantize else 0.9
+    return Criteria(tolerance=artifact.tolerance, min_top1_agreement=agreement, max_accuracy_drop_points=min(drops))
+
+
+def _quantize_torch(model: ModelSpec, artifact: ArtifactSpec, network: torch.nn.Module,
+                    inputs: np.ndarray) -> torch.nn.Module:
+    from archiver import quantize
+
+    mode = artifact.quantize.mode
+    if mode == "dynamic":
+        return quantize.quantize_dynamic_torch(network)
+    if mode == "static":
+        return quantize.quantize_static_torch(network, _calibration(model, artifact, inputs))
+    finetune = export.import_object(artifact.quantize.finetune, f"artifacts.{artifact.id}.quantize.finetune")
+    return quantize.quantization_aware_training(network, inputs, finetune, artifact.quantize.finetune_epochs)
+
+
+def _export_onnx(model: ModelSpec, artifact: ArtifactSpec, network: torch.nn.Module, example: torch.Tensor,
+                 inputs: np.ndarray, stage: str) -> str:
+    """Export, check, optionally optimize the graph offline, optionally quantize; returns the file name."""
+    import onnx
+
+    if artifact.custom_ops:
+        registrar = export.import_object(artifact.custom_ops + ":", f"artifacts.{artifact.id}.custom_ops")
+        if hasattr(registrar, "register"):
+            registrar.register(artifact.opset)
+    path = os.path.join(stage, "model.onnx")
+    export.to_onnx(network, example, path, artifact.opset, input_name=model.input.name)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:
+        raise BuildError(f"format 'onnx': onnx.checker rejected the model: {exc}") from exc
+    if artifact.optimize_graph:
+        export.optimize_onnx_graph(path, path)
+    if not artifact.quantize:
+        return "model.onnx"
+    from archiver import quantize
+
+    target = os.path.join(stage, "model.int8.onnx")
+    if artifact.quantize.mode == "dynamic":
+        quantize.quantize_dynamic_onnx(path, target)
+    else:
+        quantize.quantize_static_onnx(path, target, _calibration(model, artifact, inputs), model.input.name,
+                                      artifact.quantize.per_channel)
+    os.remove(path)
+    return "model.int8.onnx"
+
+
 def export_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Module, inputs: np.ndarray,
                     labels: Optional[np.ndarray], stage: str) -> Exported:
-    """Write the artifact's model file into `stage`; return its runtime spec and what was applied."""
+    """Optimize a copy of the eager model as the artifact asks, write it into `stage`, say what was done."""
     example = torch.from_numpy(np.ascontiguousarray(inputs[: min(2, len(inputs))]))
-    tolerance = artifact.tolerance or model.tolerance
-    criteria = Criteria(tolerance=tolerance)
-    parameters = count_parameters(eager)
-    if artifact.format == "torchscript":
-        path = os.path.join(stage, "model.pt")
-        export.to_torchscript(eager, example, artifact.method).save(path)
-        return Exported(RuntimeSpec(format="torchscript", file="model.pt", sha256=sha256_of(path)),
-                        [f"torchscript-{artifact.method}"], criteria, parameters)
-    if artifact.format == "onnx":
-        import onnx
+    exported = Exported(runtime=None, optimizations=list(artifact.optimizations),
+                        criteria=_criteria(model, artifact), parameters=count_parameters(eager))
+    network = eager
+    if artifact.prune:
+        from archiver.prune import prune_model, sparsity
 
-        path = os.path.join(stage, "model.onnx")
-        export.to_onnx(eager, example, path, artifact.opset, input_name=model.input.name)
-        try:
-            onnx.checker.check_model(path, full_check=True)
-        except Exception as exc:
-            raise BuildError(f"format 'onnx': onnx.checker rejected the model: {exc}") from exc
-        return Exported(RuntimeSpec(format="onnx", file="model.onnx", sha256=sha256_of(path)),
-                        [f"onnx-opset{artifact.opset}"], criteria, parameters)
-    # state_dict: the eager class ships in the archive and loads the weights with weights_only=True
+        spec = artifact.prune
+        finetune = None
+        if spec.finetune:
+            finetune = export.import_object(spec.finetune, f"artifacts.{artifact.id}.prune.finetune")
+        network = prune_model(eager, spec.method, spec.amount, spec.iterations, finetune)
+        exported.sparsity = sparsity(network)
+    if artifact.precision == "fp16":
+        network = copy.deepcopy(network).half()
+        example = example.half() if example.is_floating_point() else example
+        exported.validate_on_this_host = torch.cuda.is_available()
+        if not exported.validate_on_this_host:
+            exported.notes.append("fp16 targets GPUs and no GPU is here: built, NOT validated")
+    quantization = {"dynamic": "dynamic-int8", "static": "static-int8", "qat": "qat-int8"}.get(
+        artifact.quantize.mode) if artifact.quantize else None
+    if artifact.format == "state_dict":
+        exported.runtime = _stage_state_dict(model, network, stage)
+    elif artifact.format == "torchscript":
+        if artifact.quantize:
+            from archiver.quantize import DEPRECATION_NOTE
+
+            network = _quantize_torch(model, artifact, network, inputs)
+            exported.notes.append(DEPRECATION_NOTE)
+        path = os.path.join(stage, "model.pt")
+        export.to_torchscript(network, example, artifact.method).save(path)
+        exported.runtime = RuntimeSpec(format="torchscript", file="model.pt", sha256=sha256_of(path),
+                                       quantization=quantization, precision=artifact.precision)
+    else:
+        name = _export_onnx(model, artifact, network, example, inputs, stage)
+        exported.runtime = RuntimeSpec(format="onnx", file=name, sha256=sha256_of(os.path.join(stage, name)),
+                                       quantization=quantization, precision=artifact.precision)
+    exported.optimizations.insert(0, artifact.format if artifact.format != "torchscript"
+                                  else f"torchscript-{artifact.method}")
+    return exported
+
+
+def _stage_state_dict(model: ModelSpec, network: torch.nn.Module, stage: str) -> RuntimeSpec:
+    """The eager class ships in the archive and loads the weights with weights_only=True."""
     if not model.source.model_class:
-        raise SpecError(f"models.{model.name}.artifacts.{artifact.id}: format 'state_dict' needs source.model_class")
+        raise SpecError(f"models.{model.name}: format 'state_dict' needs source.model_class")
     class_file = os.path.basename(model.source.model_file)
     shutil.copy2(model.source.model_file, os.path.join(stage, class_file))
     path = os.path.join(stage, "model.pt")
-    torch.save(eager.state_dict(), path)
-    return Exported(RuntimeSpec(format="state_dict", file="model.pt", sha256=sha256_of(path),
-                                model_class=f"{class_file}:{model.source.class_name}",
-                                model_kwargs=model.source.kwargs),
-                    [], criteria, parameters)
+    torch.save(network.state_dict(), path)
+    return RuntimeSpec(format="state_dict", file="model.pt", sha256=sha256_of(path),
+                       model_class=f"{class_file}:{model.source.class_name}", model_kwargs=model.source.kwargs)
 
 
 def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Module, inputs: np.ndarray,
@@ -150,11 +242,14 @@ def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mod
                 name=name, version=model.version, frontend=artifact.frontend or model.frontend,
                 runtime=exported.runtime, input=model.input, output=model.output, image=model.image,
                 max_body_bytes=model.max_body_bytes, built_at=built_at, optimizations=tuple(exported.optimizations))
-            here = Placement(device="cpu", gpu_id=None, threads=torch.get_num_threads())
-            runtime = load_runtime(manifest, stage, here)
-            entry.runtime = runtime.describe().get("runtime", artifact.format)
             figures = Figures()
+            precision = "" if artifact.precision == "fp32" else f"-{artifact.precision}"
+            entry.runtime = artifact.format + precision
             if exported.validate_on_this_host:
+                here = Placement(device="cuda:0" if artifact.precision == "fp16" else "cpu",
+                                 gpu_id=0 if artifact.precision == "fp16" else None, threads=torch.get_num_threads())
+                runtime = load_runtime(manifest, stage, here)
+                entry.runtime = runtime.describe().get("runtime", artifact.format)
                 figures = compare(eager_runner(eager), runtime.run, inputs, exported.criteria, labels)
                 figures.latency_ms_b1 = measure_latency(runtime.run, inputs, 1)
                 figures.latency_ms_b32 = measure_latency(runtime.run, inputs, 32)

@@ -96,7 +96,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     dev = args.profile == "dev"
     config = ServerConfig(
         model_store=store, inference_port=args.inference_port, management_port=args.management_port,
-        metrics_port=args.metrics_port, bind_address=args.bind, models=tuple(entries),
+        metrics_port=args.metrics_port, grpc_inference_port=args.grpc_ports[0],
+        grpc_management_port=args.grpc_ports[1], bind_address=args.bind, models=tuple(entries),
         number_of_gpu=args.gpus if args.gpus is not None else detect_gpus(),
         token_auth=not (dev or args.disable_token_auth), model_api=dev or args.enable_model_api,
         job_queue_size=args.job_queue_size, workflow_store=args.workflow_store,
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inference-port", type=int, default=8080)
     c.add_argument("--management-port", type=int, default=8081)
     c.add_argument("--metrics-port", type=int, default=8082)
+    c.add_argument("--grpc-ports", type=int, nargs=2, default=[7070, 7071], metavar=("INFERENCE", "MANAGEMENT"),
+                   help="TorchServe's gRPC ports (it always opens them)")
     c.add_argument("--job-queue-size", type=int, default=100)
     c.add_argument("--gpus", type=int, help="number of GPUs (default: detect with nvidia-smi or torch)")
     c.set_defaults(func=cmd_config)

@@ -15,22 +15,24 @@ from archiver.errors import BuildError
 from archiver.spec import SourceSpec
 
 
-def import_model_class(model_class: str) -> type:
-    """Import `path/to/file.py:ClassName` from a file path (the file need not be on sys.path)."""
-    path, _, class_name = model_class.partition(":")
+def import_object(reference: str, key: str = "source.model_class") -> object:
+    """Import `path/to/file.py:Name` from a file path (the file need not be on sys.path)."""
+    path, _, name = reference.partition(":")
     module_name = "tspack_src_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise BuildError(f"source.model_class: cannot import {path}")
+        raise BuildError(f"{key}: cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise BuildError(f"source.model_class: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    if not hasattr(module, class_name):
-        raise BuildError(f"source.model_class: {path} defines no class '{class_name}'")
-    return getattr(module, class_name)
+        raise BuildError(f"{key}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    if not name:
+        return module
+    if not hasattr(module, name):
+        raise BuildError(f"{key}: {path} defines no '{name}'")
+    return getattr(module, name)
 
 
 def load_eager(source: SourceSpec) -> nn.Module:
@@ -43,7 +45,7 @@ def load_eager(source: SourceSpec) -> nn.Module:
             return torch.jit.load(source.torchscript, map_location="cpu").eval()
         except Exception as exc:
             raise BuildError(f"source.torchscript: {source.torchscript} is not a TorchScript file: {exc}") from exc
-    cls = import_model_class(source.model_class)
+    cls = import_object(source.model_class)
     try:
         model = cls(**source.kwargs)
     except TypeError as exc:
@@ -107,3 +109,21 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int, inpu
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BuildError(f"format 'onnx': export failed: {first}") from exc
+
+
+def optimize_onnx_graph(source: str, target: str) -> None:
+    """ONNX Runtime's offline graph optimization (constant folding, fusions), saved as a model file.
+
+    Extended level, not 'all': the layout rewrites of 'all' tie the file to the CPU that wrote it.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    tmp = target + ".opt"
+    options.optimized_model_filepath = tmp
+    try:
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BuildError(f"optimize_graph: ONNX Runtime could not optimize the model: {exc}") from exc
+    os.replace(tmp, target)

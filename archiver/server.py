@@ -145,7 +145,10 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
     urls = {k: props.get(f"{k}_address", d) for k, d in (
         ("inference", "http://127.0.0.1:8080"), ("management", "http://127.0.0.1:8081"),
         ("metrics", "http://127.0.0.1:8082"))}
-    for kind, url in urls.items():
+    grpc_host = props.get("grpc_inference_address", "127.0.0.1")
+    listening = dict(urls, grpc_inference=f"http://{grpc_host}:{props.get('grpc_inference_port', '7070')}",
+                     grpc_management=f"http://{grpc_host}:{props.get('grpc_management_port', '7071')}")
+    for kind, url in listening.items():
         if port_in_use(url):
             raise ServerError(f"{kind} address {url} is in use: stop what listens there or choose other ports")
     tmp_dir = tempfile.mkdtemp(prefix="tspack-ts-", dir="/tmp" if os.path.isdir("/tmp") else None)

@@ -53,6 +53,9 @@ class ServerConfig:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    # TorchServe always starts gRPC servers too; two servers on one host must not share these ports.
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
     bind_address: str = "127.0.0.1"
     models: tuple[ModelEntry, ...] = ()
     number_of_gpu: int = 0
@@ -69,9 +72,11 @@ class ServerConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        ports = (self.inference_port, self.management_port, self.metrics_port)
+        ports = (self.inference_port, self.management_port, self.metrics_port, self.grpc_inference_port,
+                 self.grpc_management_port)
         _require(all(0 < p < 65536 for p in ports), f"ports: must be in 1..65535, got {ports}")
-        _require(len(set(ports)) == 3, f"ports: inference, management and metrics must differ, got {ports}")
+        _require(len(set(ports)) == len(ports),
+                 f"ports: inference, management, metrics and the two gRPC ports must differ, got {ports}")
         _require(self.number_of_gpu >= 0, "number_of_gpu: must be >= 0")
         _require(self.job_queue_size >= 1, "job_queue_size: must be >= 1")
         _require(self.token_expiration_min >= 1, "token_expiration_min: must be >= 1")
@@ -105,6 +110,10 @@ class ServerConfig:
             f"inference_address={self.inference_url}",
             f"management_address={self.management_url}",
             f"metrics_address={self.metrics_url}",
+            f"grpc_inference_address={self.bind_address}",
+            f"grpc_management_address={self.bind_address}",
+            f"grpc_inference_port={self.grpc_inference_port}",
+            f"grpc_management_port={self.grpc_management_port}",
             f"model_store={store}",
             # Only archives from the local model store may be registered: no remote URLs.
             f"allowed_urls=file://{re.escape(store)}/.*",

@@ -18,6 +18,8 @@ from handlers.spec import Frontend, ImageSpec, InputSpec, OutputSpec, Precision,
 
 ArtifactFormat = Literal["torchscript", "onnx", "state_dict"]
 ScriptMethod = Literal["trace", "script"]
+QuantizeMode = Literal["dynamic", "static", "qat"]
+PruneMethod = Literal["l1_unstructured", "global_unstructured"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -94,6 +96,49 @@ class ServingSpec:
 
 
 @dataclass(frozen=True)
+class QuantizeSpec:
+    """int8 quantization. Torch quantizes TorchScript artifacts, ONNX Runtime quantizes ONNX ones.
+
+    Validated by task metrics rather than tolerance: top-1 agreement with fp32 and the accuracy drop
+    (in percentage points) on the samples' labels.
+    """
+
+    mode: QuantizeMode
+    calibration_file: Optional[str] = None
+    calibration_key: str = "x"
+    calibration_samples: int = 256
+    per_channel: bool = True
+    finetune: Optional[str] = None
+    finetune_epochs: int = 1
+    min_top1_agreement: float = 0.98
+    max_accuracy_drop: float = 1.0
+
+    def __post_init__(self):
+        _require(self.calibration_samples >= 1, "quantize.calibration_samples: must be >= 1")
+        _require(self.mode != "qat" or self.finetune is not None,
+                 "quantize.finetune: mode 'qat' needs a fine-tune callback, e.g. 'train.py:finetune'")
+        _require(0.0 <= self.min_top1_agreement <= 1.0, "quantize.min_top1_agreement: must be within 0..1")
+        _require(self.max_accuracy_drop >= 0, "quantize.max_accuracy_drop: must be >= 0 (percentage points)")
+        _require(self.finetune is None or ":" in self.finetune, "quantize.finetune: expected 'file.py:function'")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Magnitude pruning to `amount` sparsity in `iterations` steps, an optional fine-tune after each."""
+
+    method: PruneMethod
+    amount: float
+    iterations: int = 1
+    finetune: Optional[str] = None
+    max_accuracy_drop: float = 2.0
+
+    def __post_init__(self):
+        _require(0.0 < self.amount < 1.0, f"prune.amount: must be between 0 and 1, got {self.amount}")
+        _require(self.iterations >= 1, "prune.iterations: must be >= 1")
+        _require(self.finetune is None or ":" in self.finetune, "prune.finetune: expected 'file.py:function'")
+
+
+@dataclass(frozen=True)
 class ArtifactSpec:
     """One artifact to build from the model. `id` names it; the archive is `<model>-<id>` unless id is 'main'."""
 
@@ -101,14 +146,40 @@ class ArtifactSpec:
     id: str = "main"
     method: ScriptMethod = "trace"
     opset: int = 17
+    optimize_graph: bool = False
+    custom_ops: Optional[str] = None
+    quantize: Optional[QuantizeSpec] = None
+    prune: Optional[PruneSpec] = None
+    precision: Precision = "fp32"
     tolerance: Optional[float] = None
     frontend: Optional[Frontend] = None
-    precision: Precision = "fp32"
 
     def __post_init__(self):
         _require(self.id.replace("-", "").replace("_", "").isalnum(), f"artifacts.id: '{self.id}' must be alphanumeric")
         _require(self.opset >= 17, f"artifacts.opset: must be >= 17, got {self.opset}")
         _require(self.tolerance is None or self.tolerance > 0, "artifacts.tolerance: must be > 0")
+        _require(self.format == "onnx" or not (self.optimize_graph or self.custom_ops),
+                 "artifacts.optimize_graph/custom_ops: only for format 'onnx'")
+        _require(self.format != "state_dict" or not (self.quantize or self.prune or self.precision != "fp32"),
+                 "artifacts.format: 'state_dict' ships the eager model as is; quantize/prune/fp16 need "
+                 "'torchscript' or 'onnx'")
+        _require(not (self.quantize and self.precision == "fp16"),
+                 "artifacts: choose int8 (quantize) or fp16, not both")
+        _require(self.format != "onnx" or self.quantize is None or self.quantize.mode != "qat",
+                 "quantize.mode: 'qat' is a torch path; use format 'torchscript'")
+
+    @property
+    def optimizations(self) -> list[str]:
+        applied = []
+        if self.prune:
+            applied.append(f"prune-{self.prune.method}-{self.prune.amount:g}")
+        if self.quantize:
+            applied.append(f"int8-{self.quantize.mode}-{'ort' if self.format == 'onnx' else 'torch'}")
+        if self.precision == "fp16":
+            applied.append("fp16")
+        if self.optimize_graph:
+            applied.append("ort-graph-optimized")
+        return applied
 
 
 @dataclass(frozen=True)
@@ -181,14 +252,42 @@ def resolve_paths(spec: DeploySpec, base: str) -> DeploySpec:
             model_class = f"{absolute(src.model_file)}:{src.class_name}"
         source = replace(src, model_class=model_class, weights=absolute(src.weights),
                          torchscript=absolute(src.torchscript))
-        models.append(replace(m, source=source, samples=replace(m.samples, file=absolute(m.samples.file))))
+        artifacts = tuple(_resolve_artifact(a, absolute) for a in m.artifacts)
+        models.append(replace(m, source=source, samples=replace(m.samples, file=absolute(m.samples.file)),
+                              artifacts=artifacts))
     return replace(spec, models=tuple(models), model_store=absolute(spec.model_store))
+
+
+def _resolve_callable(ref: Optional[str], absolute) -> Optional[str]:
+    if not ref:
+        return ref
+    path, _, name = ref.partition(":")
+    return f"{absolute(path)}:{name}"
+
+
+def _resolve_artifact(artifact: ArtifactSpec, absolute) -> ArtifactSpec:
+    quantize, prune = artifact.quantize, artifact.prune
+    if quantize:
+        quantize = replace(quantize, calibration_file=absolute(quantize.calibration_file),
+                           finetune=_resolve_callable(quantize.finetune, absolute))
+    if prune:
+        prune = replace(prune, finetune=_resolve_callable(prune.finetune, absolute))
+    return replace(artifact, quantize=quantize, prune=prune, custom_ops=absolute(artifact.custom_ops))
 
 
 def check_files(model: ModelSpec) -> None:
     """Refuse a spec naming files that do not exist, naming the key."""
     src = model.source
-    for key, path in (("source.model_class", src.model_file), ("source.weights", src.weights),
-                      ("source.torchscript", src.torchscript), ("samples.file", model.samples.file)):
+    paths = [("source.model_class", src.model_file), ("source.weights", src.weights),
+             ("source.torchscript", src.torchscript), ("samples.file", model.samples.file)]
+    for a in model.artifacts:
+        where = f"artifacts.{a.id}"
+        paths.append((f"{where}.custom_ops", a.custom_ops))
+        if a.quantize:
+            paths.append((f"{where}.quantize.calibration_file", a.quantize.calibration_file))
+            paths.append((f"{where}.quantize.finetune", (a.quantize.finetune or "").partition(":")[0] or None))
+        if a.prune:
+            paths.append((f"{where}.prune.finetune", (a.prune.finetune or "").partition(":")[0] or None))
+    for key, path in paths:
         if path is not None and not os.path.isfile(path):
             raise SpecError(f"models.{model.name}.{key}: file not found: {path}")

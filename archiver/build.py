@@ -146,7 +146,9 @@ def _export_onnx(model: ModelSpec, artifact: ArtifactSpec, network: torch.nn.Mod
         if hasattr(registrar, "register"):
             registrar.register(artifact.opset)
     path = os.path.join(stage, "model.onnx")
-    export.to_onnx(network, example, path, artifact.opset, input_name=model.input.name)
+    free_axes = {i + 1: f"dim{i + 1}" for i, d in enumerate(model.input.shape) if d == -1}
+    axes = {model.input.name: {0: "batch", **free_axes}, "output": {0: "batch"}}
+    export.to_onnx(network, example, path, artifact.opset, input_name=model.input.name, dynamic_axes=axes)
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as exc:
@@ -253,14 +255,16 @@ def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mod
                 figures = compare(eager_runner(eager), runtime.run, inputs, exported.criteria, labels)
                 figures.latency_ms_b1 = measure_latency(runtime.run, inputs, 1)
                 figures.latency_ms_b32 = measure_latency(runtime.run, inputs, 32)
+                _copy_figures(entry, figures)
             else:
                 entry.validated = False
-            _copy_figures(entry, figures)
             require_passed(f"{name}@{model.version}", figures)
             if model.output.labels:
                 with open(os.path.join(stage, "index_to_name.json"), "w", encoding="utf-8") as f:
                     json.dump({str(i): label for i, label in enumerate(model.output.labels)}, f)
-            validation = {**figures.as_dict(), "validated": entry.validated, "tolerance": entry.tolerance}
+            validation = {"validated": False, "passed": None, "notes": entry.notes}
+            if entry.validated:
+                validation = {**figures.as_dict(), "validated": True, "tolerance": entry.tolerance}
             manifest = replace(manifest, validation=validation)
             serving = model.serving
             entry.archive = build_mar(stage, manifest, serving, model_store, archive_file_name(name, model.version))
@@ -285,13 +289,18 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
     from tqdm import tqdm
 
     models = [m for m in spec.models if not only or m.name in only]
-    for model in models:
+    samples = {}
+    for model in models:  # every spec error surfaces here, before anything is built
         check_files(model)
+        samples[id(model)] = load_samples(model)
+        for artifact in model.artifacts:
+            if artifact.quantize and artifact.quantize.mode == "static":
+                _calibration(model, artifact, samples[id(model)][0])
     result = BuildResult()
     jobs = [(m, a) for m in models for a in m.artifacts]
     bar = tqdm(total=len(jobs), desc="tspack build", unit="artifact", disable=not progress)
     for model in models:
-        inputs, labels = load_samples(model)
+        inputs, labels = samples[id(model)]
         eager = export.load_eager(model.source)
         for artifact in model.artifacts:
             bar.set_postfix_str(f"{model.archive_name(artifact)}@{model.version}")

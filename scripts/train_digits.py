@@ -14,46 +14,11 @@ import sys
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from archiver.zoo.digits_cnn import DigitsCNN  # noqa: E402
-
-SEED = 0
-
-
-def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-    y = digits.target.astype(np.int64)
-    return train_test_split(x, y, test_size=0.25, random_state=SEED, stratify=y)
-
-
-def train(x: np.ndarray, y: np.ndarray, epochs: int, seed: int = SEED) -> DigitsCNN:
-    torch.manual_seed(seed)
-    model = DigitsCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xs), generator=generator)
-        for start in range(0, len(xs), 64):
-            batch = order[start:start + 64]
-            optimizer.zero_grad()
-            loss_fn(model(xs[batch]), ys[batch]).backward()
-            optimizer.step()
-    return model.eval()
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.inference_mode():
-        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+from archiver.zoo.digits_training import accuracy, load_digits_split, train  # noqa: E402
 
 
 def write_pngs(x: np.ndarray, y: np.ndarray, folder: str, count: int = 12) -> None:
@@ -78,7 +43,8 @@ def main() -> int:
     np.savez(os.path.join(args.out, "train.npz"), x=x_train, y=y_train)
     np.savez(os.path.join(args.out, "heldout.npz"), x=x_test, y=y_test)
     for version, epochs in (("v1", args.v1_epochs), ("v2", args.v2_epochs)):
-        model = train(x_train, y_train, epochs)
+        torch.manual_seed(0)
+        model = train(DigitsCNN(), x_train, y_train, epochs)
         torch.save(model.state_dict(), os.path.join(args.out, f"digits_{version}.pt"))
         print(f"digits {version}: {epochs} epoch(s), held-out accuracy {accuracy(model, x_test, y_test):.1%}")
     write_pngs(x_test, y_test, os.path.join(args.out, "samples"))

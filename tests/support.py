@@ -84,7 +84,8 @@ def make_context(model_dir: str, batch: int = 8, gpu: Optional[int] = None, metr
                    metrics=metrics, model_yaml_config=model_yaml)
 
 
-def torchserve_batch(context: Any, bodies: list[tuple[Any, str]], headers: Optional[list[dict]] = None) -> list[dict]:
+def torchserve_batch(context: Any, bodies: list[tuple[Any, str]], headers: Optional[list[dict]] = None,
+                     field: str = "body") -> list[dict]:
     """Give `context` the per-request metadata TorchServe sets, and return the handler's `data` list.
 
     bodies: (payload, content type) per request; payload as TorchServe passes it (bytes when
@@ -94,10 +95,10 @@ def torchserve_batch(context: Any, bodies: list[tuple[Any, str]], headers: Optio
 
     processors, data = [], []
     for i, (payload, content_type) in enumerate(bodies):
-        request_headers = {"body": {"content-type": content_type}}
+        request_headers = {field: {"content-type": content_type}}
         request_headers.update((headers or [{}] * len(bodies))[i])
         processors.append(RequestProcessor(request_headers))
-        data.append({"body": payload})
+        data.append({field: payload})
     context.request_processor = processors
     context.request_ids = {i: f"req-{i}" for i in range(len(bodies))}
     return data
@@ -130,3 +131,35 @@ def eager_outputs(weights: str, x: np.ndarray) -> np.ndarray:
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+IMAGE_SPEC = {"height": 8, "width": 8, "mode": "L", "resample": "box"}
+
+
+def digit_png(x: np.ndarray, scale: int = 4, mode: str = "L", fmt: str = "PNG") -> bytes:
+    """A digits sample (1 x 8 x 8 in [0, 1]) as an image file, upscaled `scale` times (exact under box resampling)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.clip(x.reshape(8, 8) * 255.0, 0, 255).round().astype(np.uint8)
+    image = Image.fromarray(pixels, mode="L").resize((8 * scale, 8 * scale), Image.NEAREST).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels (with a valid CRC) but holds almost no data."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)

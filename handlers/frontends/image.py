@@ -84,6 +84,8 @@ def open_checked(raw: bytes, spec: ImageSpec) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image declares too many pixels: {exc}") from exc
     except UnidentifiedImageError as exc:
+        if _looks_like_image(raw):  # a known signature that does not parse: a damaged image, not a wrong type
+            raise UndecodableImage("corrupt image header: the file starts like an image but does not parse") from exc
         raise UnsupportedMediaType(
             "body is not an image this server can read (JPEG, PNG, WebP, GIF, BMP, TIFF)") from exc
     except DECODE_ERRORS as exc:
@@ -148,7 +150,7 @@ class ImageFrontend:
                 return self._from_json(json.loads(data))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise MalformedJSON(f"malformed JSON: {exc}") from exc
-        if _is_base64_text(data):
+        if data[:5] == b"data:" or _is_base64_text(data):
             return self._from_base64(data)
         return data  # let Pillow decide: it identifies more formats than the magic numbers above
 

@@ -21,43 +21,6 @@ from tests import support
 ZOO = os.path.join(support.REPO, "archiver", "zoo")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The digits CNN trained for a few epochs on real data, with held-out and training splits on disk."""
-    from archiver.zoo.digits_cnn import DigitsCNN
-    from archiver.zoo.digits_training import load_digits_split, train
-
-    root = tmp_path_factory.mktemp("trained")
-    x_train, x_test, y_train, y_test = load_digits_split()
-    torch.manual_seed(0)
-    model = train(DigitsCNN(), x_train, y_train, epochs=12)
-    weights = root / "digits.pt"
-    torch.save(model.state_dict(), weights)
-    np.savez(root / "heldout.npz", x=x_test, y=y_test)
-    np.savez(root / "train.npz", x=x_train, y=y_train)
-    finetune = root / "finetune.py"
-    finetune.write_text(textwrap.dedent(f'''
-        import numpy as np, torch
-        from torch import nn
-        CALLS = []
-
-        def finetune(model, step):
-            CALLS.append(step)
-            data = np.load({str(root / "train.npz")!r})
-            x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
-            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-            model.train()
-            for start in range(0, len(x), 64):
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64]).backward()
-                optimizer.step()
-            return model.eval()
-    '''))
-    return {"root": root, "weights": str(weights), "heldout": str(root / "heldout.npz"),
-            "train": str(root / "train.npz"), "finetune": f"{finetune}:finetune", "model": model,
-            "x_test": x_test, "y_test": y_test, "x_train": x_train, "y_train": y_train}
-
-
 def build_digits(tmp_path, trained, artifacts: list[dict]) -> dict:
     model = support.digits_model("digits", "1.0", trained["weights"], trained["heldout"], artifacts=artifacts)
     spec = parse(DeploySpec, {"model_store": str(tmp_path / "store"), "models": [model]})

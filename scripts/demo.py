@@ -74,32 +74,46 @@ def served_accuracy(version: str, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.array(predicted) == y))
 
 
+def curl_image(model: str, png: str, key: str, multipart: bool) -> dict:
+    """POST a PNG with curl: as a multipart form field (curl -F) or as the raw body."""
+    body = ["-F", f"data=@{png}"] if multipart else ["-H", "Content-Type: image/png", "--data-binary", f"@{png}"]
+    cmd = ["curl", "-s", f"{INFERENCE}/predictions/{model}", "-H", f"Authorization: Bearer {key}", *body]
+    shown = " ".join(shlex.quote(c) for c in cmd).replace(shlex.quote(f"Authorization: Bearer {key}"),
+                                                         '"Authorization: Bearer $KEY"')
+    print(f"$ {shown}", flush=True)
+    return json.loads(subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout)
+
+
 def main() -> int:
     os.chdir(ROOT)
     step("1. Train the digits CNN on scikit-learn's 8x8 digits: version 1.0 (short) and 2.0 (longer)")
     run(sys.executable, "scripts/train_digits.py", "--out", WORK)
 
-    step("2. Export to TorchScript, validate against eager, package .mar archives (config/deploy.yaml)")
+    step("2. Distil version 2.0 into a student a tenth of its size")
+    run(sys.executable, "scripts/distill_digits.py", "--work", WORK)
+
+    step("3. Build: TorchScript, ONNX, int8, pruned, fp16 and image variants, each validated against eager")
     tspack("build", "--spec", "config/deploy.yaml")
 
-    step("3. Generate config.properties (token auth on, model API on for registering versions)")
+    step("4. Generate config.properties (token auth on; model API on, to register versions)")
     tspack("serve", "stop")
-    tspack("config", "--load", "digits_v1.0.mar", "--enable-model-api", "--out", CONFIG)
+    tspack("config", "--load", "digits_v1.0.mar", "--load", "digits-image-onnx_v2.0.mar",
+           "--load", "digits-image-int8_v2.0.mar", "--enable-model-api", "--out", CONFIG)
 
-    step("4. Start TorchServe with version 1.0")
+    step("5. Start TorchServe with digits 1.0 and the image + ONNX and image + int8 variants of 2.0")
     tspack("serve", "start", "--config", CONFIG)
 
-    step("5. Register version 2.0 through the management API and make it the default")
+    step("6. Register version 2.0 through the management API and make it the default")
     tspack("register", os.path.join(STORE, "digits_v2.0.mar"))
     tspack("set-default", "digits", "2.0")
     tspack("versions", "digits")
 
-    step("6. Predict held-out digits with curl (default version = 2.0)")
+    step("7. Predict held-out digits with curl (JSON tensors; default version = 2.0)")
     held_out = np.load(os.path.join(WORK, "heldout.npz"))
     x, y = held_out["x"], held_out["y"]
     key = inference_key()
     print(f"$ KEY=$(python -c \"import json;print(json.load(open('{KEY_FILE}'))['inference']['key'])\")")
-    for i in range(5):
+    for i in range(3):
         body_file = os.path.join(WORK, f"heldout_{i}.json")
         with open(body_file, "w", encoding="utf-8") as f:
             json.dump({"data": x[i].tolist()}, f)
@@ -108,7 +122,14 @@ def main() -> int:
         print(f"  -> version {answer['version']}: predicted {top['index']} ({top['label']}, "
               f"p={top['probability']:.3f}), true label {y[i]}")
 
-    step(f"7. Accuracy of each version as served, on all {len(y)} held-out digits")
+    step("8. The same digit as a PNG file, through image + ONNX (curl -F) and image + int8 (raw bytes)")
+    png = sorted(f for f in os.listdir(os.path.join(WORK, "samples")) if f.endswith(".png"))[0]
+    png_path = os.path.join(WORK, "samples", png)
+    for model, multipart in (("digits-image-onnx", True), ("digits-image-int8", False)):
+        top = curl_image(model, png_path, key, multipart)["predictions"][0]
+        print(f"  -> {model}: predicted {top['index']} (p={top['probability']:.3f}); file {png}")
+
+    step(f"9. Accuracy of each version as served, on all {len(y)} held-out digits")
     for version in ("1.0", "2.0"):
         print(f"  digits {version}: {served_accuracy(version, x, y):.1%} held-out accuracy", flush=True)
 
@@ -117,8 +138,10 @@ def main() -> int:
     KEY=$(python -c "import json;print(json.load(open('{KEY_FILE}'))['inference']['key'])")
     curl -s {INFERENCE}/predictions/digits -H "Authorization: Bearer $KEY" \\
          -H "Content-Type: application/json" --data-binary @{os.path.join(WORK, 'heldout_0.json')}
+    curl -s {INFERENCE}/predictions/digits-image-onnx -H "Authorization: Bearer $KEY" -F data=@{png_path}
     .venv/bin/tspack predict digits --file {os.path.join(WORK, 'heldout_0.json')}
     .venv/bin/tspack serve status
+    curl -s http://127.0.0.1:8082/metrics | grep tspack_
   Stop it:
     .venv/bin/tspack serve stop      (or: make stop)""")
     return 0

@@ -22,7 +22,7 @@ import torch
 
 from archiver import export
 from archiver.errors import BuildError, TspackCliError
-from archiver.package import archive_file_name, build_mar
+from archiver.package import build_artifact_mar
 from archiver.report import ArtifactReport, write_report
 from archiver.spec import ArtifactSpec, DeploySpec, ModelSpec, check_files
 from archiver.validate import Criteria, Figures, compare, measure_latency, require_passed
@@ -266,8 +266,7 @@ def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mod
             if entry.validated:
                 validation = {**figures.as_dict(), "validated": True, "tolerance": entry.tolerance}
             manifest = replace(manifest, validation=validation)
-            serving = model.serving
-            entry.archive = build_mar(stage, manifest, serving, model_store, archive_file_name(name, model.version))
+            entry.archive = build_artifact_mar(stage, manifest, model.serving, model_store)
             entry.passed = True
         except (TspackCliError, SpecError) as exc:
             entry.error = str(exc)
@@ -297,14 +296,26 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
             if artifact.quantize and artifact.quantize.mode == "static":
                 _calibration(model, artifact, samples[id(model)][0])
     result = BuildResult()
-    jobs = [(m, a) for m in models for a in m.artifacts]
-    bar = tqdm(total=len(jobs), desc="tspack build", unit="artifact", disable=not progress)
+    tests = [ab for ab in spec.ab if not only or ab.name in only]
+    jobs = sum(len(m.artifacts) for m in models) + sum(2 if ab.workflow.enabled else 1 for ab in tests)
+    bar = tqdm(total=jobs, desc="tspack build", unit="artifact", disable=not progress)
     for model in models:
         inputs, labels = samples[id(model)]
         eager = export.load_eager(model.source)
         for artifact in model.artifacts:
             bar.set_postfix_str(f"{model.archive_name(artifact)}@{model.version}")
             result.entries.append(build_artifact(model, artifact, eager, inputs, labels, spec.model_store))
+            bar.update(1)
+    from archiver.ab import build_router, build_workflow
+
+    for ab in tests:
+        for step in (build_router, build_workflow) if ab.workflow.enabled else (build_router,):
+            bar.set_postfix_str(f"{ab.name}@{ab.version} ({step.__name__})")
+            try:
+                result.entries.append(step(ab, spec.model_store))
+            except (TspackCliError, SpecError) as exc:
+                result.entries.append(ArtifactReport(name=ab.name, version=ab.version, format=step.__name__[6:],
+                                                     model=ab.name, error=str(exc)))
             bar.update(1)
     bar.close()
     result.report_path = write_report(spec.model_store, result.entries)

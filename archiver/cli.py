@@ -114,12 +114,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def entry_from_archive(item: str, store: str):
-    """`[name=]archive.mar` -> ModelEntry, with workers and batching read from the archive itself."""
-    import zipfile
-
-    import yaml
-
-    from archiver.package import MODEL_CONFIG_FILE, read_manifest
+    """`[name=]archive.mar` -> ModelEntry, with name, version, workers and batching read from the archive."""
+    from archiver.package import archive_info
     from archiver.serving import ModelEntry
 
     name, _, archive = item.rpartition("=")
@@ -128,11 +124,9 @@ def entry_from_archive(item: str, store: str):
         raise SpecError(f"--load: archive not found: {archive} (looked in {store})")
     if os.path.dirname(os.path.abspath(path)) != store:
         raise SpecError(f"--load: {archive} is not in the model store {store}; build it there or pass --model-store")
-    manifest = read_manifest(path)
-    with zipfile.ZipFile(path) as z:
-        model_config = yaml.safe_load(z.read(MODEL_CONFIG_FILE)) if MODEL_CONFIG_FILE in z.namelist() else {}
+    model_name, version, model_config = archive_info(path)
     return ModelEntry(
-        name=name or manifest.name, version=manifest.version, mar=os.path.basename(path),
+        name=name or model_name, version=version, mar=os.path.basename(path),
         workers=model_config.get("minWorkers", 1), max_workers=model_config.get("maxWorkers"),
         batch_size=model_config.get("batchSize", 1), max_batch_delay_ms=model_config.get("maxBatchDelay", 100),
         response_timeout_s=model_config.get("responseTimeout", 120))
@@ -195,15 +189,21 @@ def cmd_register(args: argparse.Namespace) -> int:
     from archiver.serving import read_properties
 
     handle = ServerHandle.load(os.path.abspath(args.run_dir))
-    store = read_properties(handle.config_path).get("model_store", "")
+    props = read_properties(handle.config_path)
     archive = os.path.abspath(args.archive)
     if not os.path.isfile(archive):
         raise SpecError(f"register: archive not found: {args.archive}")
-    manifest = read_manifest(archive)
+    workflow = archive.endswith(".war")
+    store = props.get("workflow_store" if workflow else "model_store") or props.get("model_store", "")
     if os.path.dirname(archive) != os.path.abspath(store):
         shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
-        print(f"copied {os.path.basename(archive)} into the model store {store}")
+        print(f"copied {os.path.basename(archive)} into {store}")
     client = handle.client()
+    if workflow:
+        result = client.register_workflow(os.path.basename(archive), workflow_name=args.name)
+        print(result.get("status", result) if isinstance(result, dict) else result)
+        return 0
+    manifest = read_manifest(archive)
     result = client.register(os.path.basename(archive), model_name=args.name, initial_workers=args.workers)
     name = args.name or manifest.name
     print(result.get("status", result) if isinstance(result, dict) else result)

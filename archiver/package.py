@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -52,34 +53,33 @@ def copy_handlers(dest_dir: str) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
-def build_mar(stage_dir: str, manifest: ArtifactManifest, serving: ServingSpec, export_dir: str,
-              archive_file: str, handler: Optional[str] = None, config_extra: Optional[dict] = None) -> str:
-    """Package the files in `stage_dir` (model file, class file, labels) into `export_dir/archive_file`.
+def build_mar(stage_dir: str, name: str, version: str, handler: str, serving: ServingSpec, export_dir: str,
+              archive_file: str, serialized_file: Optional[str] = None, config_extra: Optional[dict] = None) -> str:
+    """Package the files in `stage_dir` (manifests, model files, labels) into `export_dir/archive_file`.
 
-    The archive is written to a temporary name and moved into place only when complete, so a failed
-    build leaves no partial archive in the model store.
+    `handler` names a module of the handlers package ("tensor", "image", "ab_router"); the archive gets
+    the whole package beside it. The archive is written to a temporary name and moved into place only
+    when complete, so a failed build leaves no partial archive in the model store.
 
     Returns:
         the path of the `.mar`.
     """
     from model_archiver import ModelArchiver, ModelArchiverConfig
 
-    handler = handler or manifest.frontend
     with tempfile.TemporaryDirectory(prefix="tspack-pack-") as work:
         extra = os.path.join(work, "extra")
         shutil.copytree(stage_dir, extra)
         copy_handlers(extra)
-        manifest.dump(extra)
         config_path = os.path.join(work, MODEL_CONFIG_FILE)
         with open(config_path, "w", encoding="utf-8") as f:
             yaml.safe_dump(model_config(serving, config_extra), f, sort_keys=False)
         out = os.path.join(work, "out")
         os.makedirs(out)
         config = ModelArchiverConfig(
-            model_name=manifest.name,
+            model_name=name,
             handler=os.path.join(extra, "handlers", f"{handler}.py"),
-            version=manifest.version,
-            serialized_file=os.path.join(extra, manifest.runtime.file),
+            version=version,
+            serialized_file=os.path.join(extra, serialized_file) if serialized_file else None,
             extra_files=extra,
             config_file=config_path,
             export_path=out,
@@ -90,26 +90,42 @@ def build_mar(stage_dir: str, manifest: ArtifactManifest, serving: ServingSpec, 
             try:
                 ModelArchiver.generate_model_archive(config)
             except Exception as exc:
-                raise BuildError(f"{manifest.name}: torch-model-archiver failed: {exc}") from exc
-        built = os.path.join(out, f"{manifest.name}.mar")
+                raise BuildError(f"{name}: torch-model-archiver failed: {exc}") from exc
         os.makedirs(export_dir, exist_ok=True)
         target = os.path.join(export_dir, archive_file)
         partial = target + ".partial"
-        shutil.move(built, partial)
+        shutil.move(os.path.join(out, f"{name}.mar"), partial)
         os.replace(partial, target)
     logging.getLogger(__name__).info("built %s", target)
     return target
 
 
+def build_artifact_mar(stage_dir: str, manifest: ArtifactManifest, serving: ServingSpec, export_dir: str) -> str:
+    """A single-artifact archive: its manifest, model file and the front end's handler."""
+    manifest.dump(stage_dir)
+    return build_mar(stage_dir, manifest.name, manifest.version, manifest.frontend, serving, export_dir,
+                     archive_file_name(manifest.name, manifest.version), serialized_file=manifest.runtime.file)
+
+
 def read_manifest(mar_path: str) -> ArtifactManifest:
     """The tspack manifest inside a `.mar` (its version, build time and validation figures)."""
-    import json
-
     try:
         with zipfile.ZipFile(mar_path) as archive:
             return parse(ArtifactManifest, json.loads(archive.read(MANIFEST_FILE)))
     except (KeyError, zipfile.BadZipFile, OSError) as exc:
         raise BuildError(f"{mar_path}: not a tspack archive ({exc})") from exc
+
+
+def archive_info(mar_path: str) -> tuple[str, str, dict]:
+    """(model name, version, model-config.yaml) of any `.mar`, from TorchServe's own manifest."""
+    try:
+        with zipfile.ZipFile(mar_path) as archive:
+            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
+            names = archive.namelist()
+            config = yaml.safe_load(archive.read(MODEL_CONFIG_FILE)) if MODEL_CONFIG_FILE in names else {}
+    except (KeyError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise BuildError(f"{mar_path}: not a model archive ({exc})") from exc
+    return model["modelName"], model["modelVersion"], config or {}
 
 
 def archive_file_name(name: str, version: str) -> str:

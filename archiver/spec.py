@@ -218,13 +218,87 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class DeploySpec:
-    models: tuple[ModelSpec, ...]
-    model_store: str = "model_store"
+class VariantSpec:
+    """One arm of an A/B test: an archive from the model store (built and validated on its own)."""
+
+    name: str
+    archive: str
+    weight: float
 
     def __post_init__(self):
-        names = [m.name for m in self.models]
-        _require(len(names) >= 1, "models: list at least one model")
+        _require(self.name.isidentifier(), f"ab.variants.name: '{self.name}' must be a simple name like 'a' or 'v2'")
+        _require(0.0 <= self.weight <= 1.0, f"ab.variants.weight: must be within 0..1, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class ShadowSpec:
+    """A variant that also runs on (a sample of) the traffic; compared with the primary, never returned."""
+
+    name: str
+    archive: str
+    sample_rate: float = 1.0
+    queue_size: int = 64
+
+    def __post_init__(self):
+        _require(self.name.isidentifier(), f"ab.shadow.name: '{self.name}' must be a simple name")
+        _require(0.0 < self.sample_rate <= 1.0, "ab.shadow.sample_rate: must be within (0, 1]")
+        _require(self.queue_size >= 1, "ab.shadow.queue_size: must be >= 1")
+
+
+@dataclass(frozen=True)
+class StickySpec:
+    """Where the routing key comes from: a request header, else a field of the JSON body."""
+
+    header: Optional[str] = "X-Request-Key"
+    field: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    """The `.war` twin of the router. Its settings work around TorchServe 0.12's lost-answer stall."""
+
+    enabled: bool = True
+    batch_size: int = 2
+    max_batch_delay_ms: int = 5
+    timeout_ms: int = 2000
+    retry_attempts: int = 2
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1 and self.max_batch_delay_ms >= 0, "ab.workflow: batch settings must be >= 0")
+        _require(self.timeout_ms >= 100, "ab.workflow.timeout_ms: must be >= 100")
+
+
+@dataclass(frozen=True)
+class ABSpec:
+    """An A/B test over two or more variant archives: a router archive (recommended) and a workflow."""
+
+    name: str
+    version: str
+    variants: tuple[VariantSpec, ...]
+    sticky: StickySpec = field(default_factory=StickySpec)
+    shadow: Optional[ShadowSpec] = None
+    salt: Optional[str] = None
+    serving: ServingSpec = field(default_factory=ServingSpec)
+    workflow: WorkflowSpec = field(default_factory=WorkflowSpec)
+
+    def __post_init__(self):
+        names = [v.name for v in self.variants]
+        _require(len(names) >= 2, f"ab.{self.name}.variants: an A/B test needs two or more variants, got {len(names)}")
+        _require(len(set(names)) == len(names), f"ab.{self.name}.variants: names must be unique, got {names}")
+        total = sum(v.weight for v in self.variants)
+        _require(abs(total - 1.0) <= 1e-6, f"ab.{self.name}.variants.weight: weights must sum to 1, got {total:g}")
+        _require(self.shadow is None or self.shadow.name not in names,
+                 f"ab.{self.name}.shadow.name: '{self.shadow.name if self.shadow else ''}' is already a variant")
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    models: tuple[ModelSpec, ...] = ()
+    model_store: str = "model_store"
+    ab: tuple[ABSpec, ...] = ()
+
+    def __post_init__(self):
+        _require(len(self.models) + len(self.ab) >= 1, "models: list at least one model (or an ab test)")
 
     @classmethod
     def from_yaml(cls, path: str) -> DeploySpec:

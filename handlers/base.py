@@ -18,9 +18,10 @@ import numpy as np
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError
 from handlers.frontends import frontend_for
-from handlers.metrics import HandlerMetrics
+from handlers.metrics import NO_VARIANT, HandlerMetrics
 from handlers.pipeline import Answer, BatchStats, Pipeline
-from handlers.request import requests_from_batch
+from handlers.request import Decoded, Request, requests_from_batch
+from handlers.routing import SKIPPED, unwrap, workflow_variant
 from handlers.runtimes import load_runtime
 from handlers.spec import ArtifactManifest
 
@@ -61,6 +62,7 @@ class TspackHandler:
         self.pipeline: Optional[Pipeline] = None
         self.metrics: Optional[HandlerMetrics] = None
         self.model_dir = ""
+        self.workflow_variant: Optional[str] = None
 
     def initialize(self, context: Any) -> None:
         self.context = context
@@ -74,6 +76,7 @@ class TspackHandler:
         runtime = load_runtime(manifest, self.model_dir, placement)
         self.pipeline = Pipeline(manifest, frontend_for(manifest), runtime)
         self.metrics = HandlerMetrics(context, manifest)
+        self.workflow_variant = workflow_variant(getattr(context, "model_name", None))
         warm_up(self.pipeline)
         self.initialized = True
         logger.info("tspack loaded %s %s: %s from %s", manifest.name, manifest.version,
@@ -84,9 +87,28 @@ class TspackHandler:
             return [json.dumps(self.describe())]
         started = time.perf_counter()
         stats = BatchStats()
-        answers = self.pipeline.process(requests_from_batch(data, context), stats=stats)
-        self.metrics.record(answers, stats, (time.perf_counter() - started) * 1000.0)
+        decoded = [self.decode(request) for request in requests_from_batch(data, context)]
+        meta = self.pipeline.meta
+        if self.workflow_variant:
+            meta["variant"] = self.workflow_variant
+        answers = self.pipeline.infer(decoded, meta, stats)
+        served = [a for a in answers if not a.skipped]
+        if served:
+            self.metrics.record(served, stats, (time.perf_counter() - started) * 1000.0,
+                                variant=self.workflow_variant or NO_VARIANT)
         return write_answers(answers, context)
+
+    def decode(self, request: Request) -> Decoded | Answer:
+        """Decode one request; inside an A/B workflow, answer at once when another variant was chosen."""
+        if self.workflow_variant:
+            routed = unwrap(request)
+            if routed is not None:
+                variant, request = routed
+                if variant is None:  # the route node refused the request: every node answers its error
+                    return Answer(request["status"], request, error_type=request["type"])
+                if variant != self.workflow_variant:
+                    return Answer(200, dict(SKIPPED), skipped=True)
+        return self.pipeline.decode(request)
 
     def describe(self) -> dict:
         description = self.pipeline.describe()

@@ -32,6 +32,7 @@ class Answer:
     body: dict
     error_type: Optional[str] = None
     rows: int = 0
+    skipped: bool = False  # a workflow node that was not the chosen variant: answered without inference
 
     @classmethod
     def from_error(cls, exc: BaseException) -> Answer:

@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from archiver.errors import TspackCliError
+from archiver.k8s import add_k8s_parser
 from handlers.errors import SpecError
 
 
@@ -184,7 +185,7 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from archiver.package import read_manifest
+    from archiver.package import archive_info
     from archiver.server import ServerHandle
     from archiver.serving import read_properties
 
@@ -203,13 +204,13 @@ def cmd_register(args: argparse.Namespace) -> int:
         result = client.register_workflow(os.path.basename(archive), workflow_name=args.name)
         print(result.get("status", result) if isinstance(result, dict) else result)
         return 0
-    manifest = read_manifest(archive)
+    model_name, version, _ = archive_info(archive)
     result = client.register(os.path.basename(archive), model_name=args.name, initial_workers=args.workers)
-    name = args.name or manifest.name
+    name = args.name or model_name
     print(result.get("status", result) if isinstance(result, dict) else result)
     if args.set_default:
-        client.set_default(name, manifest.version)
-        print(f"{name} {manifest.version} is now the default version")
+        client.set_default(name, version)
+        print(f"{name} {version} is now the default version")
     return 0
 
 
@@ -339,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--json", help="request body as JSON text")
     p.add_argument("--content-type")
     p.set_defaults(func=cmd_predict)
+
+    add_k8s_parser(sub)
 
     for command in (s, r, d, u, v, p):
         command.add_argument("--run-dir", default=os.path.join(".tspack", "server"),

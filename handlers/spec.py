@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 from handlers.errors import SpecError
 
 MANIFEST_FILE = "tspack-manifest.json"
+# `X | Y` unions exist from Python 3.10; the official TorchServe 0.12 images run 3.9.
+_UNION_TYPE = getattr(types, "UnionType", typing.Union)
 
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
 Frontend = Literal["tensor", "image"]
@@ -69,7 +71,7 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, _UNION_TYPE):
         return _coerce_union(typing.get_args(hint), value, path)
     if origin is Literal:
         args = typing.get_args(hint)

@@ -84,6 +84,39 @@ def curl_image(model: str, png: str, key: str, multipart: bool) -> dict:
     return json.loads(subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout)
 
 
+def curl_ab(path: str, user: str, body_file: str, key: str, show: bool) -> dict:
+    name = "digits-ab"
+    cmd = ["curl", "-s", f"{INFERENCE}/{path}/{name}", "-H", f"Authorization: Bearer {key}", "-H",
+           f"X-Request-Key: {user}", "-H", "Content-Type: application/json", "--data-binary", f"@{body_file}"]
+    if show:
+        print(f'$ curl -s {INFERENCE}/{path}/{name} -H "Authorization: Bearer $KEY" -H "X-Request-Key: {user}" '
+              f'-H "Content-Type: application/json" --data-binary @{body_file}', flush=True)
+    return json.loads(subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout)
+
+
+def ab_split(sample: np.ndarray, keys: int) -> dict:
+    from archiver.server import ServerHandle
+
+    client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
+    body = {"data": sample.tolist()}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        variants = list(pool.map(lambda i: client.predict("digits-ab", body, headers={"X-Request-Key": f"user-{i}"})
+                                 .json()["variant"], range(keys)))
+    return {v: variants.count(v) / keys for v in ("a", "b")}
+
+
+def show_ab_metrics() -> None:
+    import time
+
+    import requests
+
+    time.sleep(1.0)  # the shadow compares off the answer path
+    print("$ curl -s http://127.0.0.1:8082/metrics | grep 'ModelName=\"digits-ab\"'")
+    for line in requests.get("http://127.0.0.1:8082/metrics", timeout=10).text.splitlines():
+        if 'ModelName="digits-ab"' in line and line.startswith(("tspack_requests_total", "tspack_shadow_total")):
+            print("  " + line)
+
+
 def main() -> int:
     os.chdir(ROOT)
     step("1. Train the digits CNN on scikit-learn's 8x8 digits: version 1.0 (short) and 2.0 (longer)")
@@ -129,7 +162,21 @@ def main() -> int:
         top = curl_image(model, png_path, key, multipart)["predictions"][0]
         print(f"  -> {model}: predicted {top['index']} (p={top['probability']:.3f}); file {png}")
 
-    step(f"9. Accuracy of each version as served, on all {len(y)} held-out digits")
+    step("9. A/B test: 1.0 vs 2.0, 50/50, sticky on X-Request-Key (router archive; the .war twin beside it)")
+    tspack("register", os.path.join(STORE, "digits-ab_v1.0.mar"))
+    tspack("register", os.path.join(STORE, "digits-ab_v1.0.war"))
+    body_file = os.path.join(WORK, "heldout_0.json")
+    for user in ("alice", "bob", "carol"):
+        seen = []
+        for path in ("predictions", "predictions", "predictions", "wfpredict"):
+            answer = curl_ab(path, user, body_file, key, show=user == "alice" and path == "wfpredict" or not seen)
+            seen.append(f"{answer['variant']}={answer['version']}" + (" (.war)" if path == "wfpredict" else ""))
+        print(f"  -> {user}: {', '.join(seen)}")
+    split = ab_split(x[0], 1000)
+    print(f"  1000 keys: variant a (1.0) {split['a']:.1%}, variant b (2.0) {split['b']:.1%}  (weights 50/50)")
+    show_ab_metrics()
+
+    step(f"10. Accuracy of each version as served, on all {len(y)} held-out digits")
     for version in ("1.0", "2.0"):
         print(f"  digits {version}: {served_accuracy(version, x, y):.1%} held-out accuracy", flush=True)
 

@@ -1,0 +1,97 @@
+"""PID 1 of the tspack serving image: run TorchServe in the foreground and stop it gracefully.
+
+Usage: entrypoint.py COMMAND [ARGS...]  (the image's CMD is `torchserve --start --foreground --ncs ...`).
+
+Why not exec `torchserve` directly: it is a Python launcher that starts the Java frontend and waits for
+it. As PID 1 it would never see SIGTERM (the kernel drops signals that a PID 1 has no handler for), so
+`docker stop` and Kubernetes would wait out their grace period and SIGKILL the server mid-request. This
+wrapper runs the command, passes SIGTERM and SIGINT on to the frontend (the launcher's child, whose
+shutdown hook stops the workers), reaps the processes re-parented to it, and exits with the launcher's
+exit code once no child is left.
+
+Standard library only, plus psutil when present (a TorchServe dependency); the image's Python is 3.9.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (psutil when available, else /proc)."""
+    try:
+        import psutil
+
+        return [child.pid for child in psutil.Process(pid).children()]
+    except ImportError:
+        pass
+    except Exception:  # psutil.NoSuchProcess and friends: the process is gone
+        return []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def forward(signum: int, launcher: int) -> None:
+    """Signal the frontend (the launcher's children); the launcher itself when it has none yet.
+
+    When the launcher is already gone, its orphans are our children: signal those.
+    """
+    if alive(launcher) and children_of(launcher):
+        targets = children_of(launcher)
+    elif alive(launcher):
+        targets = [launcher]
+    else:
+        targets = children_of(os.getpid())
+    for pid in targets:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def wait_all(launcher: int) -> int:
+    """Reap every child until none is left; return the launcher's exit code (1 if it was never seen)."""
+    code: Optional[int] = None
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid == launcher:
+            code = os.waitstatus_to_exitcode(status)
+    if code is None:
+        return 1
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: entrypoint.py COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    launcher = subprocess.Popen(argv)  # inherits stdout/stderr: TorchServe's logs reach `docker logs`
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: forward(received, launcher.pid))
+    code = wait_all(launcher.pid)
+    launcher.returncode = code  # reaped above; tell Popen so it does not wait again
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -95,7 +95,7 @@ def smoke_test(stage: str, manifest: RouterManifest) -> None:
         warm_up(Pipeline.load(os.path.join(stage, folder), Placement(device="cpu", gpu_id=None, threads=1)))
 
 
-def build_router(ab: ABSpec, store: str) -> ArtifactReport:
+def build_router(ab: ABSpec, store: str, gpus: int = 0) -> ArtifactReport:
     """The recommended A/B artifact: one archive routing between its variants inside a single worker."""
     entry = ArtifactReport(name=ab.name, version=ab.version, format="ab-router", model=ab.name, runtime="ab-router",
                            artifact_id="router")
@@ -105,7 +105,7 @@ def build_router(ab: ABSpec, store: str) -> ArtifactReport:
             json.dump(manifest.to_json(), f, indent=2)
         smoke_test(stage, manifest)
         entry.archive = build_mar(stage, ab.name, ab.version, "ab_router", ab.serving, store,
-                                  archive_file_name(ab.name, ab.version))
+                                  archive_file_name(ab.name, ab.version), gpus=gpus)
     entry.built_at = manifest.built_at
     entry.size_bytes = os.path.getsize(entry.archive)
     entry.optimizations = [f"{v.name}={v.weight:g}" for v in manifest.policy.variants]
@@ -138,7 +138,7 @@ def _zip_handlers(path: str) -> None:
                     z.write(full, os.path.join("handlers", os.path.relpath(full, HANDLERS_DIR)))
 
 
-def build_workflow(ab: ABSpec, store: str) -> ArtifactReport:
+def build_workflow(ab: ABSpec, store: str, gpus: int = 0) -> ArtifactReport:
     """The `.war` twin, through torch-workflow-archiver's Python API. Variant archives must be in the store."""
     from workflow_archiver.workflow_packaging import package_workflow
     from workflow_archiver.workflow_packaging_utils import WorkflowExportUtils

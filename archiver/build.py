@@ -227,7 +227,7 @@ def _stage_state_dict(model: ModelSpec, network: torch.nn.Module, stage: str) ->
 
 
 def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Module, inputs: np.ndarray,
-                   labels: Optional[np.ndarray], model_store: str) -> ArtifactReport:
+                   labels: Optional[np.ndarray], model_store: str, gpus: int = 0) -> ArtifactReport:
     name = model.archive_name(artifact)
     built_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     entry = ArtifactReport(name=name, version=model.version, format=artifact.format, model=model.name,
@@ -266,7 +266,7 @@ def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mod
             if entry.validated:
                 validation = {**figures.as_dict(), "validated": True, "tolerance": entry.tolerance}
             manifest = replace(manifest, validation=validation)
-            entry.archive = build_artifact_mar(stage, manifest, model.serving, model_store)
+            entry.archive = build_artifact_mar(stage, manifest, model.serving, model_store, gpus)
             entry.passed = True
         except (TspackCliError, SpecError) as exc:
             entry.error = str(exc)
@@ -287,16 +287,22 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
     """
     from tqdm import tqdm
 
+    from archiver.placement import detect_gpus, device_config
+
+    gpus = spec.gpus if spec.gpus is not None else detect_gpus()
     models = [m for m in spec.models if not only or m.name in only]
+    tests = [ab for ab in spec.ab if not only or ab.name in only]
     samples = {}
+    for ab in tests:
+        device_config(ab.serving, gpus, f"ab.{ab.name}.serving")
     for model in models:  # every spec error surfaces here, before anything is built
         check_files(model)
+        device_config(model.serving, gpus, f"models.{model.name}.serving")
         samples[id(model)] = load_samples(model)
         for artifact in model.artifacts:
             if artifact.quantize and artifact.quantize.mode == "static":
                 _calibration(model, artifact, samples[id(model)][0])
     result = BuildResult()
-    tests = [ab for ab in spec.ab if not only or ab.name in only]
     jobs = sum(len(m.artifacts) for m in models) + sum(2 if ab.workflow.enabled else 1 for ab in tests)
     bar = tqdm(total=jobs, desc="tspack build", unit="artifact", disable=not progress)
     for model in models:
@@ -304,7 +310,7 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
         eager = export.load_eager(model.source)
         for artifact in model.artifacts:
             bar.set_postfix_str(f"{model.archive_name(artifact)}@{model.version}")
-            result.entries.append(build_artifact(model, artifact, eager, inputs, labels, spec.model_store))
+            result.entries.append(build_artifact(model, artifact, eager, inputs, labels, spec.model_store, gpus))
             bar.update(1)
     from archiver.ab import build_router, build_workflow
 
@@ -312,7 +318,7 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
         for step in (build_router, build_workflow) if ab.workflow.enabled else (build_router,):
             bar.set_postfix_str(f"{ab.name}@{ab.version} ({step.__name__})")
             try:
-                result.entries.append(step(ab, spec.model_store))
+                result.entries.append(step(ab, spec.model_store, gpus))
             except (TspackCliError, SpecError) as exc:
                 result.entries.append(ArtifactReport(name=ab.name, version=ab.version, format=step.__name__[6:],
                                                      model=ab.name, error=str(exc)))

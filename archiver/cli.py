@@ -29,15 +29,17 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from archiver.build import build
     from archiver.report import format_table
     from archiver.spec import DeploySpec
 
     spec = DeploySpec.from_yaml(args.spec) if args.spec else spec_from_flags(args)
     if args.model_store:
-        from dataclasses import replace
-
         spec = replace(spec, model_store=os.path.abspath(args.model_store))
+    if args.gpus is not None:
+        spec = replace(spec, gpus=args.gpus)
     result = build(spec, progress=not args.quiet, only=args.only)
     print(format_table(result.entries))
     print(f"report: {result.report_path}")
@@ -90,17 +92,18 @@ def _read_labels(value: str) -> list[str]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from archiver.placement import assign, detect_gpus, placement_table
     from archiver.serving import ServerConfig, write_config
 
     store = os.path.abspath(args.model_store)
-    entries = [entry_from_archive(item, store) for item in args.load]
+    gpus = args.gpus if args.gpus is not None else detect_gpus()
+    entries = [entry_from_archive(item, store, gpus) for item in args.load]
     dev = args.profile == "dev"
     config = ServerConfig(
         model_store=store, inference_port=args.inference_port, management_port=args.management_port,
         metrics_port=args.metrics_port, grpc_inference_port=args.grpc_ports[0],
         grpc_management_port=args.grpc_ports[1], bind_address=args.bind, models=tuple(entries),
-        number_of_gpu=args.gpus if args.gpus is not None else detect_gpus(),
-        token_auth=not (dev or args.disable_token_auth), model_api=dev or args.enable_model_api,
+        number_of_gpu=gpus, token_auth=not (dev or args.disable_token_auth), model_api=dev or args.enable_model_api,
         job_queue_size=args.job_queue_size, workflow_store=args.workflow_store,
     )
     path = write_config(config, args.out)
@@ -109,13 +112,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     rows += [[e.name, e.version, e.mar, str(e.workers), str(e.batch_size), str(e.max_batch_delay_ms)] for e in entries]
     if entries:
         print(_table(rows))
+        print(f"placement on {gpus} GPU(s):")
+        print(placement_table(assign([e.deployed for e in entries], gpus), gpus))
     print(f"token auth: {'on' if config.token_auth else 'OFF'}   model API: {'on' if config.model_api else 'off'}   "
           f"gpus: {config.number_of_gpu}   inference: {config.inference_url}")
     return 0
 
 
-def entry_from_archive(item: str, store: str):
-    """`[name=]archive.mar` -> ModelEntry, with name, version, workers and batching read from the archive."""
+def entry_from_archive(item: str, store: str, gpus: Optional[int] = None):
+    """`[name=]archive.mar` -> ModelEntry, with name, version, workers and batching read from the archive.
+
+    With `gpus`, the archive's GPU ids are checked against that many GPUs.
+    """
     from archiver.package import archive_info
     from archiver.serving import ModelEntry
 
@@ -126,29 +134,18 @@ def entry_from_archive(item: str, store: str):
     if os.path.dirname(os.path.abspath(path)) != store:
         raise SpecError(f"--load: {archive} is not in the model store {store}; build it there or pass --model-store")
     model_name, version, model_config = archive_info(path)
+    ids = tuple(model_config.get("deviceIds") or ())
+    if gpus is not None and any(i >= gpus for i in ids):
+        raise SpecError(f"--load: {os.path.basename(path)} places workers on GPUs {list(ids)}, but this host has "
+                        f"{gpus}; TorchServe would silently drop the list. Rebuild it with --gpus {gpus}")
+    if gpus == 0 and (model_config.get("handler") or {}).get("cpu_fallback") is False:
+        raise SpecError(f"--load: {os.path.basename(path)} requires a GPU (cpu_fallback: false) and this host has none")
     return ModelEntry(
         name=name or model_name, version=version, mar=os.path.basename(path),
         workers=model_config.get("minWorkers", 1), max_workers=model_config.get("maxWorkers"),
         batch_size=model_config.get("batchSize", 1), max_batch_delay_ms=model_config.get("maxBatchDelay", 100),
-        response_timeout_s=model_config.get("responseTimeout", 120))
-
-
-def detect_gpus() -> int:
-    """GPUs on this host: nvidia-smi when present, else torch, else 0."""
-    import subprocess
-
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=20).stdout
-            return len([line for line in out.splitlines() if line.startswith("GPU ")])
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:
-        return 0
+        response_timeout_s=model_config.get("responseTimeout", 120), device_type=model_config.get("deviceType"),
+        device_ids=ids)
 
 
 # --- serve ---------------------------------------------------------------------------------------------
@@ -280,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--max-batch-delay", type=int, default=5, help="ms")
     b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--gpus", type=int, help="GPUs of the host the archives are for (default: the spec's, else "
+                   "this host's)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 

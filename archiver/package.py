@@ -27,11 +27,13 @@ HANDLERS_DIR = os.path.dirname(os.path.abspath(handlers.__file__))
 MODEL_CONFIG_FILE = "model-config.yaml"
 
 
-def model_config(serving: ServingSpec, extra: Optional[dict] = None) -> dict:
-    """The archive's model-config.yaml: TorchServe reads batching and workers here, our handler `handler:`."""
+def model_config(serving: ServingSpec, gpus: int = 0, extra: Optional[dict] = None) -> dict:
+    """The archive's model-config.yaml: TorchServe reads workers, devices and batching here, our handler
+    its `handler:` section. `gpus` is the GPU count of the host the archive is built for."""
+    from archiver.placement import device_config
+
     config = {
-        "minWorkers": serving.workers,
-        "maxWorkers": serving.max_workers or serving.workers,
+        **device_config(serving, gpus),
         "batchSize": serving.batch_size,
         "maxBatchDelay": serving.max_batch_delay_ms,
         "responseTimeout": serving.response_timeout_s,
@@ -41,6 +43,8 @@ def model_config(serving: ServingSpec, extra: Optional[dict] = None) -> dict:
     handler = {}
     if serving.intra_op_threads:
         handler["intra_op_threads"] = serving.intra_op_threads
+    if not serving.cpu_fallback:
+        handler["cpu_fallback"] = False
     if handler:
         config["handler"] = handler
     config.update(extra or {})
@@ -54,7 +58,7 @@ def copy_handlers(dest_dir: str) -> None:
 
 
 def build_mar(stage_dir: str, name: str, version: str, handler: str, serving: ServingSpec, export_dir: str,
-              archive_file: str, serialized_file: Optional[str] = None, config_extra: Optional[dict] = None) -> str:
+              archive_file: str, serialized_file: Optional[str] = None, gpus: int = 0) -> str:
     """Package the files in `stage_dir` (manifests, model files, labels) into `export_dir/archive_file`.
 
     `handler` names a module of the handlers package ("tensor", "image", "ab_router"); the archive gets
@@ -72,7 +76,7 @@ def build_mar(stage_dir: str, name: str, version: str, handler: str, serving: Se
         copy_handlers(extra)
         config_path = os.path.join(work, MODEL_CONFIG_FILE)
         with open(config_path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(model_config(serving, config_extra), f, sort_keys=False)
+            yaml.safe_dump(model_config(serving, gpus), f, sort_keys=False)
         out = os.path.join(work, "out")
         os.makedirs(out)
         config = ModelArchiverConfig(
@@ -100,11 +104,13 @@ def build_mar(stage_dir: str, name: str, version: str, handler: str, serving: Se
     return target
 
 
-def build_artifact_mar(stage_dir: str, manifest: ArtifactManifest, serving: ServingSpec, export_dir: str) -> str:
+def build_artifact_mar(stage_dir: str, manifest: ArtifactManifest, serving: ServingSpec, export_dir: str,
+                       gpus: int = 0) -> str:
     """A single-artifact archive: its manifest, model file and the front end's handler."""
     manifest.dump(stage_dir)
     return build_mar(stage_dir, manifest.name, manifest.version, manifest.frontend, serving, export_dir,
-                     archive_file_name(manifest.name, manifest.version), serialized_file=manifest.runtime.file)
+                     archive_file_name(manifest.name, manifest.version), serialized_file=manifest.runtime.file,
+                     gpus=gpus)
 
 
 def read_manifest(mar_path: str) -> ArtifactManifest:

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from archiver.placement import Deployed
 from handlers.errors import SpecError
 from handlers.metrics import metrics_yaml_section
 
@@ -39,10 +40,16 @@ class ModelEntry:
     max_batch_delay_ms: int = 5
     response_timeout_s: int = 120
     default: bool = True
+    device_type: Optional[str] = None
+    device_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         _require(self.workers >= 1, f"models.{self.name}.workers: must be >= 1, got {self.workers}")
         _require(self.batch_size >= 1, f"models.{self.name}.batch_size: must be >= 1")
+
+    @property
+    def deployed(self) -> Deployed:
+        return Deployed(name=self.name, workers=self.workers, device_type=self.device_type, device_ids=self.device_ids)
 
 
 @dataclass(frozen=True)

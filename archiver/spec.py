@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -82,12 +82,24 @@ class ServingSpec:
     response_timeout_s: int = 120
     job_queue_size: Optional[int] = None
     intra_op_threads: Optional[int] = None
+    # GPU placement: "cpu", "all" GPUs of the target host, or a list of GPU ids; workers_per_gpu on each.
+    devices: Union[Literal["cpu", "all"], tuple[int, ...]] = "cpu"
+    workers_per_gpu: int = 1
+    cpu_fallback: bool = True
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"serving.batch_size: must be >= 1, got {self.batch_size}")
         _require(self.max_batch_delay_ms >= 0,
                  f"serving.max_batch_delay_ms: must be >= 0, got {self.max_batch_delay_ms}")
+        _require(self.batch_size > 1 or self.max_batch_delay_ms == 0,
+                 f"serving.max_batch_delay_ms: {self.max_batch_delay_ms} ms of batch delay without batching "
+                 "(batch_size 1) only adds latency; set batch_size > 1 or max_batch_delay_ms: 0")
         _require(self.workers >= 1, f"serving.workers: must be >= 1, got {self.workers}")
+        _require(self.workers_per_gpu >= 1, f"serving.workers_per_gpu: must be >= 1, got {self.workers_per_gpu}")
+        if isinstance(self.devices, tuple):
+            _require(len(self.devices) >= 1 and all(d >= 0 for d in self.devices)
+                     and len(set(self.devices)) == len(self.devices),
+                     f"serving.devices: a list of distinct GPU ids >= 0, or 'cpu' or 'all'; got {list(self.devices)}")
         _require(self.max_workers is None or self.max_workers >= self.workers,
                  "serving.max_workers: must be >= serving.workers")
         _require(self.response_timeout_s >= 1, "serving.response_timeout_s: must be >= 1")
@@ -296,6 +308,7 @@ class DeploySpec:
     models: tuple[ModelSpec, ...] = ()
     model_store: str = "model_store"
     ab: tuple[ABSpec, ...] = ()
+    gpus: Optional[int] = None  # GPUs of the host the archives are for; None: this build host's
 
     def __post_init__(self):
         _require(len(self.models) + len(self.ab) >= 1, "models: list at least one model (or an ab test)")

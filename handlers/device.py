@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from handlers.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "TSPACK_INTRA_OP_THREADS"
@@ -69,9 +71,12 @@ def placement_for(context: Any, configured_threads: Optional[int] = None) -> Pla
     device = "cpu"
     if gpu_id is not None and _cuda_available():
         device = f"cuda:{int(gpu_id)}"
+    if gpu_id is None and handler_config.get("cpu_fallback") is False:
+        raise ModelLoadError("this archive requires a GPU (built with cpu_fallback: false) and TorchServe assigned "
+                             "none: set number_of_gpu or deploy it on a GPU host")
     placement = Placement(device=device, gpu_id=None if gpu_id is None else int(gpu_id), threads=threads)
-    logger.info("tspack placement: device=%s threads=%d (cores=%d, workers=%d)", placement.device,
-                placement.threads, available_cores(), workers_of_model(yaml_config))
+    logger.info("tspack placement: gpu_id=%s device=%s threads=%d (cores=%d, workers=%d)", placement.gpu_id,
+                placement.device, placement.threads, available_cores(), workers_of_model(yaml_config))
     return placement
 
 

@@ -100,12 +100,25 @@ def _coerce_union(args: tuple, value: Any, path: str) -> Any:
     if value is None and type(None) in args:
         return None
     inner = [a for a in args if a is not type(None)]
-    for candidate in inner[:-1]:
+    if len(inner) == 1:
+        return _coerce(inner[0], value, path)
+    for candidate in inner:
         try:
             return _coerce(candidate, value, path)
         except SpecError:
             continue
-    return _coerce(inner[-1], value, path)
+    raise SpecError(f"{path}: {value!r} is not allowed; expected {' or '.join(_describe(a) for a in inner)}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(hint) or origin is dict:
+        return "a mapping"
+    return _SCALARS.get(hint, (None, getattr(hint, "__name__", str(hint))))[1]
 
 
 # scalar type -> (accepts, what the message says is expected)

@@ -109,14 +109,14 @@ def statuses(context: Any, count: int) -> list[int]:
 
 
 def start_server(run_dir: str, store: str, entries: list[ModelEntry], model_api: bool = True,
-                 token_auth: bool = True, **config: Any) -> ServerHandle:
+                 token_auth: bool = True, env: Optional[dict] = None, **config: Any) -> ServerHandle:
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     server_config = ServerConfig(model_store=store, inference_port=inference, management_port=management,
                                  metrics_port=metrics, grpc_inference_port=grpc_inference,
                                  grpc_management_port=grpc_management, models=tuple(entries), model_api=model_api,
                                  token_auth=token_auth, **config)
     path = write_config(server_config, os.path.join(run_dir, "config.properties"))
-    return start(path, os.path.join(run_dir, "run"), timeout_s=180)
+    return start(path, os.path.join(run_dir, "run"), timeout_s=180, env=env)
 
 
 def eager_outputs(weights: str, x: np.ndarray) -> np.ndarray:

@@ -79,7 +79,8 @@ def test_archive_is_self_contained_and_records_its_build(digits_store):
         config = yaml.safe_load(z.read("model-config.yaml"))
     assert {"tensor.py", "model.pt", "tspack-manifest.json", "handlers/base.py", "handlers/runtimes/torch.py",
             "MAR-INF/MANIFEST.json", "index_to_name.json"} <= names
-    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 120}
+    assert config == {"deviceType": "cpu", "minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5,
+                      "responseTimeout": 120}
     manifest = read_manifest(path)
     assert manifest.version == "2.0" and manifest.built_at
     assert manifest.validation["passed"] and manifest.validation["max_abs_error"] <= 1e-4

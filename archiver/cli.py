@@ -211,6 +211,28 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_swap(args: argparse.Namespace) -> int:
+    from archiver.operate import swap_version
+    from archiver.package import archive_info
+    from archiver.server import ServerHandle
+    from archiver.serving import read_properties
+
+    handle = ServerHandle.load(os.path.abspath(args.run_dir))
+    store = read_properties(handle.config_path).get("model_store", "")
+    archive = os.path.abspath(args.archive)
+    if not os.path.isfile(archive):
+        raise SpecError(f"swap: archive not found: {args.archive}")
+    if os.path.dirname(archive) != os.path.abspath(store):
+        shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
+    model, version, _ = archive_info(archive)
+    probe = json.loads(args.probe) if args.probe else None
+    result = swap_version(handle.client(), model, os.path.basename(archive), version, args.workers, args.drain,
+                          retire=not args.keep_old, probe=probe)
+    for line in result.steps:
+        print(line)
+    return 0
+
+
 def cmd_set_default(args: argparse.Namespace) -> int:
     result = _client(args).set_default(args.model, args.version)
     print(result.get("status", result) if isinstance(result, dict) else result)
@@ -317,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set-default", action="store_true")
     r.set_defaults(func=cmd_register)
 
+    w = sub.add_parser("swap", help="zero-downtime swap: register a new version, make it default, retire the old")
+    w.add_argument("archive")
+    w.add_argument("--workers", type=int, default=1)
+    w.add_argument("--drain", type=float, default=2.0, help="seconds the old version keeps draining (default 2)")
+    w.add_argument("--keep-old", action="store_true", help="keep the old versions registered")
+    w.add_argument("--probe", help="JSON request body the new version must answer 200 before the switch")
+    w.set_defaults(func=cmd_swap)
+
     d = sub.add_parser("set-default", help="make a version the default")
     d.add_argument("model")
     d.add_argument("version")
@@ -342,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_k8s_parser(sub)
 
-    for command in (s, r, d, u, v, p):
+    for command in (s, r, w, d, u, v, p):
         command.add_argument("--run-dir", default=os.path.join(".tspack", "server"),
                              help="the server's run folder (key_file.json, logs, state)")
     return parser

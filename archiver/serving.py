@@ -70,7 +70,9 @@ class ServerConfig:
     token_auth: bool = True
     model_api: bool = False
     token_expiration_min: int = 60
-    max_request_size: int = 16 * 1024 * 1024
+    # The frontend's hard cap. Above it Netty answers a bare 413 with no body, so it sits well above the
+    # handlers' own per-model limits (max_body_bytes, image max_bytes), which answer a JSON 413 naming the limit.
+    max_request_size: int = 64 * 1024 * 1024
     max_response_size: int = 16 * 1024 * 1024
     default_response_timeout_s: int = 120
     workflow_store: Optional[str] = None

@@ -70,6 +70,8 @@ class RoutingPolicy:
             value = None if raw is None else str(raw)
         if value is not None and (not value or len(value) > MAX_KEY_LENGTH):
             raise InvalidRouteKey(f"routing key must be 1 to {MAX_KEY_LENGTH} characters, got {len(value)}")
+        if value is not None and not value.isprintable():
+            raise InvalidRouteKey("routing key holds control or unprintable characters")
         return value
 
     def choose(self, key: Optional[str], rng: Optional[random.Random] = None) -> Variant:

@@ -7,6 +7,7 @@ Runtime are its successors); we silence that one warning here and record the fac
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,11 +26,17 @@ DYNAMIC_TYPES = {nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
-        warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
-        yield
+    """Silence the deprecation warnings of torch.ao and the per-tensor chatter ONNX Runtime logs at WARNING."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
+            warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _engine() -> str:

@@ -192,9 +192,13 @@ class ImageSpec:
     scale: float = 1.0 / 255.0
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # JPEG draft decoding (libjpeg's 1/2, 1/4, 1/8 scaling) may undershoot the needed resolution by this
+    # share, then upsample: 640x480 -> 256 decodes at 320x240. 0 decodes at least the needed resolution.
+    draft_slack: float = 0.125
 
     def __post_init__(self):
         _require(self.height > 0 and self.width > 0, "image.height/width: must be > 0")
+        _require(0.0 <= self.draft_slack < 0.5, f"image.draft_slack: must be within [0, 0.5), got {self.draft_slack}")
         _require(self.resize is None or self.resize >= min(self.height, self.width),
                  f"image.resize: {self.resize} is smaller than the crop {self.height}x{self.width}")
         channels = 1 if self.mode == "L" else 3

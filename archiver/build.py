@@ -208,7 +208,8 @@ def export_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mo
     else:
         name = _export_onnx(model, artifact, network, example, inputs, stage)
         exported.runtime = RuntimeSpec(format="onnx", file=name, sha256=sha256_of(os.path.join(stage, name)),
-                                       quantization=quantization, precision=artifact.precision)
+                                       quantization=quantization, precision=artifact.precision,
+                                       graph_optimization=artifact.graph_optimization)
     exported.optimizations.insert(0, artifact.format if artifact.format != "torchscript"
                                   else f"torchscript-{artifact.method}")
     return exported

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from handlers.errors import SpecError
-from handlers.spec import Frontend, ImageSpec, InputSpec, OutputSpec, Precision, parse
+from handlers.spec import Frontend, GraphOptimization, ImageSpec, InputSpec, OutputSpec, Precision, parse
 
 ArtifactFormat = Literal["torchscript", "onnx", "state_dict"]
 ScriptMethod = Literal["trace", "script"]
@@ -159,6 +159,7 @@ class ArtifactSpec:
     method: ScriptMethod = "trace"
     opset: int = 17
     optimize_graph: bool = False
+    graph_optimization: GraphOptimization = "all"  # ONNX Runtime's session level when serving
     custom_ops: Optional[str] = None
     quantize: Optional[QuantizeSpec] = None
     prune: Optional[PruneSpec] = None

@@ -83,7 +83,7 @@ class ABRouterHandler:
                 refused[idx] = Answer.from_error(exc)
         return groups, refused
 
-    def handle(self, data: list, context: Any) -> list[str]:
+    def handle(self, data: list, context: Any) -> list:
         if is_describe_request(context):
             return [json.dumps(self.describe())]
         requests = requests_from_batch(data, context)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
+from handlers import jsonio
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError
 from handlers.frontends import frontend_for
@@ -38,7 +39,7 @@ def is_describe_request(context: Any) -> bool:
         return False
 
 
-def write_answers(answers: list[Answer], context: Any) -> list[str]:
+def write_answers(answers: list[Answer], context: Any) -> list[bytes]:
     """Set each request's own status and content type, and return the bodies in request order."""
     bodies = []
     for idx, answer in enumerate(answers):
@@ -47,7 +48,7 @@ def write_answers(answers: list[Answer], context: Any) -> list[str]:
             if answer.status != 200:
                 phrase = answer.body.get("type", "error")
                 context.set_response_status(answer.status, phrase, idx)
-        bodies.append(json.dumps(answer.body, separators=(",", ":")))
+        bodies.append(jsonio.dumps(answer.body))
     return bodies
 
 
@@ -82,7 +83,7 @@ class TspackHandler:
         logger.info("tspack loaded %s %s: %s from %s", manifest.name, manifest.version,
                     runtime.describe(), os.path.dirname(os.path.abspath(__file__)))
 
-    def handle(self, data: list, context: Any) -> list[str]:
+    def handle(self, data: list, context: Any) -> list:
         if is_describe_request(context):
             return [json.dumps(self.describe())]
         started = time.perf_counter()

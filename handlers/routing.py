@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from handlers import jsonio
 from handlers.errors import InvalidRouteKey, SpecError
 from handlers.request import Request
 
@@ -98,7 +99,7 @@ def json_body(request: Request) -> Any:
         return payload
     if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{":
         try:
-            return json.loads(payload)
+            return jsonio.loads(payload)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None
     return None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from handlers import jsonio
 from handlers.errors import (
     EmptyBody,
     ImageTooLarge,
@@ -156,8 +157,8 @@ class ImageFrontend:
             return data
         if request.content_type == "application/json" or data.lstrip()[:1] in (b"{", b"["):
             try:
-                return self._from_json(json.loads(data))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                return self._from_json(jsonio.loads(data))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                 raise MalformedJSON(f"malformed JSON: {exc}") from exc
         if data[:5] == b"data:" or _is_base64_text(data):
             return self._from_base64(data)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers import jsonio
 from handlers.errors import (
     DTypeMismatch,
     EmptyBody,
@@ -163,7 +164,7 @@ def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
+        return jsonio.loads(raw)
     except UnicodeDecodeError as exc:
         raise MalformedJSON(f"body is not UTF-8 JSON: {exc.reason} at byte {exc.start}") from exc
     except json.JSONDecodeError as exc:

@@ -7,25 +7,18 @@ finetune(model, step) and serves whatever model it returns (or the one it traine
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
-import torch
 from torch import nn
 
-TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_store", "work", "train.npz")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "model_store", "work", "train.npz")
+sys.path.insert(0, ROOT)
+
+from archiver.zoo.digits_training import train  # noqa: E402
 
 
 def finetune(model: nn.Module, step: int) -> nn.Module:
     data = np.load(TRAIN)
-    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
-    generator = torch.Generator().manual_seed(step)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    order = torch.randperm(len(x), generator=generator)
-    for start in range(0, len(x), 64):
-        idx = order[start:start + 64]
-        optimizer.zero_grad()
-        loss_fn(model(x[idx]), y[idx]).backward()
-        optimizer.step()
-    return model.eval()
+    return train(model, data["x"], data["y"], epochs=1, seed=step, lr=5e-4)

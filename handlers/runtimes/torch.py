@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -31,7 +32,7 @@ def load_model_class(model_dir: str, model_class: str) -> type:
     path = os.path.join(model_dir, filename)
     if not class_name or not os.path.isfile(path):
         raise ModelLoadError(f"model_class '{model_class}': expected 'file.py:ClassName' with the file in the archive")
-    module_name = f"tspack_model_{abs(hash(os.path.abspath(path)))}"
+    module_name = "tspack_model_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tspack-installed
 
-.PHONY: setup java demo test lint unit integration bench reliability stop clean
+.PHONY: setup java demo test lint unit integration bench bench-optimize bench-preprocess reliability stop clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/check_java.sh
@@ -32,6 +32,25 @@ unit: $(STAMP)
 
 integration: java $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# The serving benchmark (GitHub issue 6): tspack vs the model alone, a naive TorchServe, FastAPI and LitServe.
+# ~15 min; QUICK=1: light model only, fewer configurations, shorter runs (~2 min). Peers get benchmarks/.venv.
+bench: java $(STAMP)
+	$(BIN)/python -m benchmarks.bench $(if $(QUICK),--quick)
+
+# In-process optimization figures (issue 3): int8 and ONNX Runtime speed, size and agreement.
+bench-optimize: $(STAMP)
+	$(BIN)/python benchmarks/optimize_bench.py
+
+# Image preprocessing vs torchvision (issue 4); torchvision goes into benchmarks/.venv-vision only.
+bench-preprocess: $(STAMP)
+	$(BIN)/python benchmarks/preprocess_bench.py
+
+# Reliability, security and monitoring (GitHub issue 8) against a real TorchServe: version swap, worker crash,
+# overload, a 5-minute soak, bad input, security, metrics. ~7 min; QUICK=1: 60 s soak (~3-4 min).
+# Writes RELIABILITY.md and benchmarks/results/reliability.json.
+reliability: java $(STAMP)
+	$(BIN)/python -m benchmarks.reliability $(if $(QUICK),--quick)
 
 stop: $(STAMP)
 	$(BIN)/tspack serve stop

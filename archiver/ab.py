@@ -27,10 +27,13 @@ from handlers.device import Placement
 from handlers.errors import SpecError
 from handlers.integrity import sha256_of
 from handlers.pipeline import Pipeline
-from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, RoutingPolicy, Shadow, Variant
+from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, RoutingPolicy, Shadow, Variant, body_limit
 from handlers.spec import ArtifactManifest
 
 WORKFLOW_HANDLER = "ab_workflow.py"
+# The route node forwards a body as base64 (4/3 larger) in its answer, which TorchServe caps at
+# max_response_size (16 MiB in the generated config): larger answers make the frontend drop the worker.
+WORKFLOW_BODY_CAP = 12 * 1024 * 1024
 HANDLERS_ZIP = "tspack_handlers.zip"
 
 
@@ -151,9 +154,11 @@ def build_workflow(ab: ABSpec, store: str, gpus: int = 0) -> ArtifactReport:
         spec_file = os.path.join(stage, "workflow.yaml")
         with open(spec_file, "w", encoding="utf-8") as f:
             yaml.safe_dump(workflow_spec(ab), f, sort_keys=False)
+        limits = [body_limit(read_manifest(resolve_archive(store, v.archive, v.name))) for v in ab.variants]
         policy = RouterManifest(name=ab.name, version=ab.version, policy=RoutingPolicy(
             variants=tuple(Variant(v.name, v.weight) for v in ab.variants), sticky_header=ab.sticky.header,
-            sticky_field=ab.sticky.field, salt=ab.salt or ab.name))
+            sticky_field=ab.sticky.field, salt=ab.salt or ab.name),
+            max_body_bytes=min(max(limits), WORKFLOW_BODY_CAP))
         with open(os.path.join(stage, ROUTER_MANIFEST_FILE), "w", encoding="utf-8") as f:
             json.dump(policy.to_json(), f, indent=2)
         handler = os.path.join(stage, WORKFLOW_HANDLER)

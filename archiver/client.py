@@ -134,7 +134,7 @@ class TorchServeClient:
         if model_name:
             query["model_name"] = model_name
         query.update({k: v for k, v in params.items() if v is not None})
-        return self._json("management", "POST", "/models", params=query, timeout=max(self.timeout, 300))
+        return self._json("management", "POST", "/models", ok=(200, 202), params=query, timeout=max(self.timeout, 300))
 
     def set_default(self, model: str, version: str) -> dict:
         return self._json("management", "PUT", f"/models/{model}/{version}/set-default")

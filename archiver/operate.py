@@ -27,8 +27,24 @@ def _versions(client: TorchServeClient, model: str) -> list[str]:
         raise
 
 
+def wait_ready(client: TorchServeClient, model: str, version: str, workers: int, timeout_s: float) -> None:
+    """Poll describe until `workers` workers of `model` `version` are READY."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            described = client.describe(model, version)
+        except ApiError:
+            described = []
+        ready = sum(w.get("status") == "READY" for d in described for w in d.get("workers", []))
+        if ready >= workers:
+            return
+        time.sleep(0.25)
+    raise ServerError(f"{model} {version} had no {workers} READY worker(s) within {timeout_s:.0f}s")
+
+
 def swap_version(client: TorchServeClient, model: str, archive: str, version: str, workers: int = 1,
-                 drain_s: float = 2.0, retire: bool = True, probe: Optional[dict] = None) -> SwapResult:
+                 drain_s: float = 2.0, retire: bool = True, probe: Optional[dict] = None,
+                 ready_timeout_s: float = 300.0) -> SwapResult:
     """Register `archive` as `version` of `model`, make it the default, then retire the older versions.
 
     Order matters for zero downtime: the new version's workers are READY (synchronous register) before
@@ -43,7 +59,10 @@ def swap_version(client: TorchServeClient, model: str, archive: str, version: st
     before = _versions(client, model)
     if version in before:
         raise ServerError(f"{model} {version} is already registered; swap to a new version")
-    client.register(archive, initial_workers=workers, synchronous=True)
+    # Asynchronous: TorchServe 0.12 holds a network thread for the whole of a synchronous register, stalling
+    # the inference connections that thread serves (4 of 16 for 6-10 s, measured in RELIABILITY.md).
+    client.register(archive, initial_workers=workers, synchronous=False)
+    wait_ready(client, model, version, workers, ready_timeout_s)
     result.steps.append(f"registered {model} {version} ({workers} worker(s) ready)")
     if probe is not None:
         response = client.predict(model, probe, version=version)

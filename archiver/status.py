@@ -71,9 +71,15 @@ def _build_figures(client: TorchServeClient, model: str, version: str) -> dict:
             "max_abs_error": fmt(validation.get("max_abs_error")), "accuracy": fmt(validation.get("accuracy"), True)}
 
 
-def _request_counts(client: TorchServeClient) -> dict[str, float]:
-    samples = parse_prometheus(client.metrics())
-    return {kind: metric_sum(samples, f"Requests{kind}") for kind in ("2XX", "4XX", "5XX")}
+def request_counts(client: TorchServeClient) -> dict[str, float]:
+    """Prediction answers by status class, as the handlers counted them. TorchServe's own Requests2XX/4XX/5XX
+    would also count pings, management calls and this command's describes."""
+    counts = {"2XX": 0.0, "4XX": 0.0, "5XX": 0.0}
+    for name, labels, value in parse_prometheus(client.metrics()):
+        kind = f"{labels.get('Status', '0')[:1]}XX"
+        if name == "tspack_requests_total" and kind in counts:
+            counts[kind] += value
+    return counts
 
 
 def _error_rate(run_dir: str, counts: dict[str, float]) -> dict:
@@ -88,6 +94,8 @@ def _error_rate(run_dir: str, counts: dict[str, float]) -> dict:
     history = [h for h in history if now - h["t"] <= HISTORY_KEEP_S]
     older = [h for h in history if now - h["t"] >= 60]
     base = older[-1] if older else {"t": None, "counts": {k: 0.0 for k in counts}}
+    if any(counts[k] < base["counts"].get(k, 0.0) for k in counts):  # counters went back: the server restarted
+        history, base = [], {"t": None, "counts": {k: 0.0 for k in counts}}
     history.append({"t": now, "counts": counts})
     with open(path, "w", encoding="utf-8") as f:
         json.dump(history, f)
@@ -116,7 +124,7 @@ def server_status(run_dir: str) -> dict:
         status["ping"] = client.ping().get("status")
         for model in client.models():
             status["models"][model["modelName"]] = model_versions(client, model["modelName"])
-        status["traffic"] = _error_rate(run_dir, _request_counts(client))
+        status["traffic"] = _error_rate(run_dir, request_counts(client))
     except (ApiError, requests.RequestException) as exc:
         status["message"] = str(exc)
         return status

@@ -24,7 +24,7 @@ from handlers.errors import ModelLoadError, TspackError
 from handlers.metrics import HandlerMetrics
 from handlers.pipeline import Answer, BatchStats, Pipeline
 from handlers.request import requests_from_batch
-from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, json_body
+from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, body_limit, json_body
 from handlers.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ABRouterHandler:
         self.pipelines: dict[str, Pipeline] = {}
         self.shadow: Optional[ShadowRunner] = None
         self.rng = random.Random()
+        self.body_limit: Optional[int] = None
 
     def initialize(self, context: Any) -> None:
         model_dir = context.system_properties["model_dir"]
@@ -57,6 +58,7 @@ class ABRouterHandler:
             self.pipelines[variant.name] = Pipeline.load(os.path.join(model_dir, variant.folder), placement)
             warm_up(self.pipelines[variant.name])
         first = next(iter(self.pipelines.values())).manifest
+        self.body_limit = max(body_limit(p.manifest) for p in self.pipelines.values())
         self.metrics = HandlerMetrics(context, first)
         self.metrics.model = getattr(context, "model_name", None) or self.manifest.name
         if shadow_pipeline is not None:
@@ -74,7 +76,7 @@ class ABRouterHandler:
         groups: dict[str, list[int]] = defaultdict(list)
         refused: dict[int, Answer] = {}
         for idx, request in enumerate(requests):
-            body = json_body(request) if policy.sticky_field else None
+            body = json_body(request, self.body_limit) if policy.sticky_field else None
             if body is not None:
                 request.payload = body  # parsed once: the variant's front end accepts a decoded body
             try:

@@ -19,7 +19,7 @@ _zip = os.path.join(os.path.dirname(os.path.abspath(__file__)), HANDLERS_ZIP)
 if os.path.exists(_zip) and _zip not in sys.path:
     sys.path.insert(0, _zip)
 
-from handlers.errors import TspackError, error_response  # noqa: E402
+from handlers.errors import PayloadTooLarge, TspackError, error_response  # noqa: E402
 from handlers.request import requests_from_batch  # noqa: E402
 from handlers.routing import ROUTER_MANIFEST_FILE, SKIPPED, RouterManifest, json_body, wrap, wrap_error  # noqa: E402
 
@@ -30,7 +30,8 @@ def _load_policy(context):
     if "policy" not in _policy:
         path = os.path.join(context.system_properties["model_dir"], ROUTER_MANIFEST_FILE)
         with open(path, encoding="utf-8") as f:
-            _policy["policy"] = RouterManifest.from_json(json.load(f)).policy
+            manifest = RouterManifest.from_json(json.load(f))
+        _policy["policy"], _policy["max_body_bytes"] = manifest.policy, manifest.max_body_bytes
     return _policy["policy"]
 
 
@@ -40,9 +41,14 @@ def route(data, context):
         _load_policy(context)
         return None
     policy = _load_policy(context)
+    limit = _policy["max_body_bytes"]
     envelopes = []
     for request in requests_from_batch(data, context):
         try:
+            size = len(request.payload) if isinstance(request.payload, (bytes, bytearray, str)) else 0
+            if limit is not None and size > limit:
+                # the base64 envelope must fit TorchServe's max_response_size, or the frontend drops this worker
+                raise PayloadTooLarge(f"body has {size} bytes; this workflow accepts at most {limit}")
             key = policy.key_of(request, json_body(request) if policy.sticky_field else None)
             envelopes.append(wrap(policy.choose(key).name, request, key))
         except TspackError as exc:

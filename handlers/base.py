@@ -17,7 +17,7 @@ import numpy as np
 
 from handlers import jsonio
 from handlers.device import placement_for
-from handlers.errors import ModelLoadError
+from handlers.errors import ModelLoadError, TspackError
 from handlers.frontends import frontend_for
 from handlers.metrics import NO_VARIANT, HandlerMetrics
 from handlers.pipeline import Answer, BatchStats, Pipeline
@@ -102,7 +102,10 @@ class TspackHandler:
     def decode(self, request: Request) -> Decoded | Answer:
         """Decode one request; inside an A/B workflow, answer at once when another variant was chosen."""
         if self.workflow_variant:
-            routed = unwrap(request)
+            try:
+                routed = unwrap(request)
+            except TspackError as exc:
+                return Answer.from_error(exc)
             if routed is not None:
                 variant, request = routed
                 if variant is None:  # the route node refused the request: every node answers its error

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from handlers.device import Placement
-from handlers.errors import InferenceFailed, TspackError, error_response
+from handlers.errors import InferenceFailed, TspackError, UnsupportedMediaType, error_response
 from handlers.frontends import frontend_for
 from handlers.request import Decoded, Request
 from handlers.runtimes import load_runtime
@@ -42,6 +42,15 @@ class Answer:
     @property
     def ok(self) -> bool:
         return self.status < 400
+
+
+def refuse_form_body(request: Request) -> None:
+    """TorchServe turns an x-www-form-urlencoded body into form fields, so `curl -d '{json}'` (no -H) arrives
+    as a field name with an empty value. Say what happened instead of answering about an empty body."""
+    content_type = (request.header("content-type") or "").split(";", 1)[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType("form-encoded body; send JSON with 'Content-Type: application/json', "
+                                   "image bytes, or a multipart upload (curl -F)")
 
 
 @dataclass
@@ -74,6 +83,7 @@ class Pipeline:
 
     def decode(self, request: Request) -> Decoded | Answer:
         try:
+            refuse_form_body(request)
             return self.frontend.decode(request)
         except TspackError as exc:
             return Answer.from_error(exc)

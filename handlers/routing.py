@@ -11,6 +11,7 @@ to every node), and the base handler of a node that was not chosen answers at on
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import random
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from handlers import jsonio
-from handlers.errors import InvalidRouteKey, SpecError
+from handlers.errors import InvalidRouteKey, MalformedPayload, SpecError
 from handlers.request import Request
 
 ENVELOPE_KEY = "tspack_route"
@@ -92,17 +93,30 @@ def stable_fraction(salt: str, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def json_body(request: Request) -> Any:
-    """The request's JSON object when it has one (for a sticky field), else None. Never raises."""
+def json_body(request: Request, max_bytes: Optional[int] = None) -> Any:
+    """The request's JSON object when it has one (for a sticky field), else None. Never raises.
+
+    Bodies over `max_bytes` are not parsed: the variant's own size check answers them.
+    """
     payload = request.payload
     if isinstance(payload, dict):
         return payload
+    if max_bytes is not None and isinstance(payload, (bytes, bytearray)) and len(payload) > max_bytes:
+        return None
     if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{":
         try:
             return jsonio.loads(payload)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None
     return None
+
+
+def body_limit(manifest: Any) -> int:
+    """The largest request body a variant accepts: its tensor limit, or its image limit as base64."""
+    limit = manifest.max_body_bytes
+    if manifest.image is not None:
+        limit = max(limit, manifest.image.max_bytes * 4 // 3 + 1024)
+    return limit
 
 
 @dataclass
@@ -115,6 +129,7 @@ class RouterManifest:
     shadow: Optional[Shadow] = None
     built_at: str = ""
     sources: dict = field(default_factory=dict)
+    max_body_bytes: Optional[int] = None  # the workflow's route node refuses larger bodies (413)
 
     def to_json(self) -> dict:
         from handlers.spec import to_dict
@@ -151,6 +166,9 @@ def unwrap(request: Request) -> Optional[tuple[Optional[str], Request | dict]]:
     """(chosen variant, original request) when `request` is a routing envelope, else None.
 
     For an error envelope the variant is None and the second item is the error body to answer with.
+
+    Raises:
+        MalformedPayload: an envelope that is not of the shape `wrap` writes.
     """
     payload = request.payload
     if isinstance(payload, (bytes, bytearray)):
@@ -163,10 +181,19 @@ def unwrap(request: Request) -> Optional[tuple[Optional[str], Request | dict]]:
     if not isinstance(payload, dict) or ENVELOPE_KEY not in payload:
         return None
     route = payload[ENVELOPE_KEY]
-    if route.get("error"):
-        return None, route["error"]
-    original = Request(payload=base64.b64decode(route.get("body", "")), content_type=route.get("content_type", ""),
-                       headers=request.headers)
+    if not isinstance(route, dict):
+        raise MalformedPayload(f"'{ENVELOPE_KEY}' must be an object")
+    error = route.get("error")
+    if error:
+        if not (isinstance(error, dict) and isinstance(error.get("status"), int) and 400 <= error["status"] < 600
+                and isinstance(error.get("type"), str)):
+            raise MalformedPayload(f"'{ENVELOPE_KEY}.error' must be an error object with a status and a type")
+        return None, error
+    try:
+        body = base64.b64decode(str(route.get("body", "")), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedPayload(f"'{ENVELOPE_KEY}.body' is not base64: {exc}") from exc
+    original = Request(payload=body, content_type=str(route.get("content_type") or ""), headers=request.headers)
     return str(route.get("variant")), original
 
 

@@ -110,7 +110,7 @@ def show_ab_metrics() -> None:
 
     import requests
 
-    time.sleep(1.0)  # the shadow compares off the answer path
+    time.sleep(2.5)  # the shadow compares off the answer path; counters are flushed every second
     print("$ curl -s http://127.0.0.1:8082/metrics | grep 'ModelName=\"digits-ab\"'")
     for line in requests.get("http://127.0.0.1:8082/metrics", timeout=10).text.splitlines():
         if 'ModelName="digits-ab"' in line and line.startswith(("tspack_requests_total", "tspack_shadow_total")):

@@ -152,10 +152,13 @@ class ImageFrontend:
             return self._from_json(payload)
         if isinstance(payload, str):
             return self._from_base64(payload.encode("ascii", "replace"))
+        if not isinstance(payload, (bytes, bytearray, memoryview)):  # e.g. a JSON number TorchServe decoded
+            raise MalformedPayload(f"expected image bytes, base64 or a JSON object, got a {type(payload).__name__}")
         data = bytes(payload)
         if _looks_like_image(data) or request.content_type.startswith("image/"):
             return data
         if request.content_type == "application/json" or data.lstrip()[:1] in (b"{", b"["):
+            self._check_base64_size(len(data))  # before parsing: a huge JSON body costs a full parse
             try:
                 return self._from_json(jsonio.loads(data))
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -172,10 +175,13 @@ class ImageFrontend:
             raise MalformedJSON("JSON image requests look like {\"data\": \"<base64 image>\"}")
         return self._from_base64(value.encode("ascii", "replace"))
 
-    def _from_base64(self, text: bytes) -> bytes:
+    def _check_base64_size(self, length: int) -> None:
         limit = self.spec.max_bytes * 4 // 3 + 4
-        if len(text) > limit + 1024:
-            raise ImageTooLarge(f"base64 image has {len(text)} characters; at most {limit} allowed")
+        if length > limit + 1024:
+            raise ImageTooLarge(f"base64 image has {length} characters; at most {limit} allowed")
+
+    def _from_base64(self, text: bytes) -> bytes:
+        self._check_base64_size(len(text))
         if b"," in text[:100] and text[:5] == b"data:":  # a data URL: data:image/png;base64,....
             text = text.split(b",", 1)[1]
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import tokenize
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,9 @@ class TensorFrontend:
     def _from_npy(self, payload: bytes) -> Decoded:
         try:
             array = np.load(io.BytesIO(payload), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+        # numpy parses the header with Python's tokenizer: a damaged one raises SyntaxError or TokenError.
+        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, TypeError,
+                UnicodeDecodeError) as exc:
             raise MalformedPayload(f"body looks like .npy but does not parse: {exc}") from exc
         return self._finish(array, protocol="npy")
 
@@ -218,7 +221,8 @@ def _checked_dtype(array: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def _matches(shape: tuple, expected: tuple) -> bool:
-    return len(shape) == len(expected) and all(e == -1 or s == e for s, e in zip(shape, expected))
+    """Same rank, fixed axes equal, free (-1) axes of any length but 0."""
+    return len(shape) == len(expected) and all(s > 0 if e == -1 else s == e for s, e in zip(shape, expected))
 
 
 def _fmt(shape: tuple) -> str:

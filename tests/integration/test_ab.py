@@ -22,6 +22,7 @@ from tests import support
 
 pytestmark = pytest.mark.integration
 
+METRICS_SETTLE_S = 2.5  # HandlerMetrics flushes counters every second
 SAMPLE = {"data": np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8).tolist()}
 
 
@@ -127,12 +128,13 @@ def test_bad_input_through_the_router_and_the_workflow(client):
 
 
 def test_shadow_runs_but_never_changes_the_answer(client, server, store):
+    time.sleep(METRICS_SETTLE_S)  # counters reach Prometheus at the handler's next flush
     before = parse_prometheus(client.metrics())
     for i in range(30):
         body = ask(client, f"s{i}").json()
         assert body["predictions"][0]["index"] == expected_top1(store, body["version"])
         assert "shadow" not in json.dumps(body)
-    time.sleep(1.0)
+    time.sleep(METRICS_SETTLE_S)
     after = parse_prometheus(client.metrics())
     compared = sum(metric_sum(after, "tspack_shadow_total", ModelName="ab", Outcome=o)
                    - metric_sum(before, "tspack_shadow_total", ModelName="ab", Outcome=o)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from archiver.serving import ModelEntry, ServerConfig, read_properties, write_config
+from archiver.serving import ARCHIVE_NAME, ModelEntry, ServerConfig, read_properties, write_config
 from handlers.errors import SpecError
 from handlers.metrics import DECLARED
 
@@ -25,7 +25,7 @@ def test_production_defaults_keep_token_auth_on_and_model_api_off(tmp_path):
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
     assert props["metrics_mode"] == "prometheus"
-    assert props["allowed_urls"] == "file://" + re.escape(str(store)) + "/.*"
+    assert props["allowed_urls"] == "file://" + re.escape(str(store)) + "/" + ARCHIVE_NAME
     assert props["load_models"] == "digits=digits_v1.0.mar"
     models = json.loads(props["models"])
     assert models["digits"]["1.0"] == {"defaultVersion": True, "marName": "digits_v1.0.mar", "minWorkers": 2,

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from archiver.k8s import GPU_RESOURCE, HEALTHCHECK, K8sConfig, add_k8s_parser, render_manifests, write_manifests
-from archiver.serving import ServerConfig, read_properties, write_config
+from archiver.serving import ARCHIVE_NAME, ServerConfig, read_properties, write_config
 from handlers.errors import SpecError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -319,14 +319,15 @@ def test_config_rewrite_step_points_paths_into_the_image(tmp_path):
     assert run.returncode == 0, run.stderr
     props = read_properties(str(home / "config" / "config.properties"))
     assert props["model_store"] == f"{home}/model-store"
-    assert props["allowed_urls"] == f"file://{home}/model-store/.*"
+    assert props["allowed_urls"] == f"file://{home}/model-store/{ARCHIVE_NAME}"
     assert props["metrics_config"] == f"{home}/config/metrics.yaml"
+    assert props["vmargs"] == f"-Dlog4j.configurationFile=file://{home}/config/log4j2.xml"
     assert "workflow_store" not in props
     assert props["inference_address"] == "http://0.0.0.0:8080"
     assert props["disable_token_authorization"] == "false"
     untouched = read_properties(host_config)
     changed = {k for k in untouched if untouched[k] != props.get(k)}
-    assert changed == {"model_store", "allowed_urls", "metrics_config", "workflow_store"}
+    assert changed == {"model_store", "allowed_urls", "metrics_config", "vmargs", "workflow_store"}
 
 
 @pytest.mark.skipif(shutil.which("sh") is None or shutil.which("sed") is None, reason="needs sh, sed and grep")

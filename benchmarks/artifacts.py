@@ -1,0 +1,151 @@
+"""What the systems serve: seeded weights, one TorchScript file, request bodies, and the archives.
+
+Every system gets the same weights (same seed) and the same request bytes. tspack archives come from
+`archiver.build.build` (export + validation + packaging); the naive archive from torch-model-archiver's
+Python API with `naive_handler.py`, as TorchServe's docs show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAIVE_HANDLER = os.path.join(REPO, "benchmarks", "naive_handler.py")
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    key: str  # "light" | "heavy"
+    name: str
+    model_class: str  # path.py:Class, relative to the repo
+    shape: tuple[int, ...]
+    top_k: int
+    labels: tuple[str, ...] = ()
+    samples: int = 16
+
+    @property
+    def class_file(self) -> str:
+        return os.path.join(REPO, self.model_class.partition(":")[0])
+
+    def eager(self) -> torch.nn.Module:
+        from archiver.export import import_object
+
+        torch.manual_seed(0)
+        return import_object(os.path.join(REPO, self.model_class), "model_class")().eval()
+
+
+MODELS = {
+    "light": ModelDef("light", "mnist", "archiver/zoo/mnist_cnn.py:MnistCNN", (1, 28, 28), 3, tuple(DIGITS)),
+    # 8 validation (and int8 calibration) samples: ResNet-18 builds validate in seconds, not minutes.
+    "heavy": ModelDef("heavy", "resnet18", "archiver/zoo/resnet.py:ResNet18", (3, 224, 224), 5, samples=8),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One tspack archive: a runtime plus the serving settings baked into its model-config.yaml."""
+
+    runtime: str  # "torchscript" | "onnx" | "onnx-int8"
+    workers: int
+    threads: int
+    batch_size: int
+    delay_ms: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.workers}w x {self.threads}t, batch {self.batch_size}/{self.delay_ms}ms"
+
+    def archive_name(self, model: ModelDef) -> str:
+        return f"{model.name}-{self.runtime}-w{self.workers}t{self.threads}-b{self.batch_size}d{self.delay_ms}"
+
+
+ARTIFACTS = {
+    "torchscript": {"format": "torchscript", "method": "trace"},
+    "onnx": {"format": "onnx"},
+    # Random weights give near-tied logits, so int8 flips some top-1 answers that a trained model would not.
+    "onnx-int8": {"format": "onnx", "quantize": {"mode": "static", "min_top1_agreement": 0.75,
+                                                 "max_accuracy_drop": 100.0}},
+}
+
+
+def weights(model: ModelDef, work: str) -> str:
+    path = os.path.join(work, f"{model.name}.state_dict.pt")
+    if not os.path.exists(path):
+        os.makedirs(work, exist_ok=True)
+        torch.save(model.eager().state_dict(), path)
+    return path
+
+
+def torchscript(model: ModelDef, work: str) -> str:
+    """The traced model every non-tspack system loads (same weights as the tspack archives)."""
+    path = os.path.join(work, f"{model.name}.torchscript.pt")
+    if not os.path.exists(path):
+        os.makedirs(work, exist_ok=True)
+        example = torch.zeros((1, *model.shape))
+        with torch.no_grad():
+            torch.jit.trace(model.eager(), example).save(path)
+    return path
+
+
+def bodies(model: ModelDef, work: str) -> dict[str, str]:
+    """One request, as JSON `{"data": [...]}` and as .npy bytes; identical bytes for every system."""
+    rng = np.random.default_rng(1)
+    sample = rng.random(model.shape, dtype=np.float32)  # JSON: each float32 at full precision (~19 chars)
+    paths = {"json": os.path.join(work, f"{model.name}.json"), "npy": os.path.join(work, f"{model.name}.npy")}
+    os.makedirs(work, exist_ok=True)
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({"data": sample.tolist()}, f, separators=(",", ":"))
+    with open(paths["npy"], "wb") as f:
+        np.save(f, sample)
+    return paths
+
+
+def model_spec(model: ModelDef, variant: Variant, weights_path: str) -> dict:
+    return {
+        "name": variant.archive_name(model), "version": "1.0",
+        "source": {"model_class": os.path.join(REPO, model.model_class), "weights": weights_path},
+        "input": {"shape": list(model.shape), "dtype": "float32"},
+        "output": {"kind": "classification", "top_k": model.top_k, "labels": list(model.labels)},
+        "samples": {"count": model.samples},
+        # 1.8 MB JSON bodies for the heavy model must fit.
+        "max_body_bytes": 8 * 1024 * 1024,
+        "serving": {"batch_size": variant.batch_size, "max_batch_delay_ms": variant.delay_ms,
+                    "workers": variant.workers, "intra_op_threads": variant.threads},
+        "artifacts": [ARTIFACTS[variant.runtime]],
+    }
+
+
+def build_tspack(model: ModelDef, variants: list[Variant], work: str, store: str) -> dict[Variant, str]:
+    """Build (export, validate, package) one archive per variant; returns each variant's archive name."""
+    from archiver.build import build
+    from archiver.spec import DeploySpec
+    from handlers.spec import parse
+
+    todo = [v for v in variants if not os.path.exists(os.path.join(store, f"{v.archive_name(model)}_v1.0.mar"))]
+    if todo:
+        w = weights(model, work)
+        spec = parse(DeploySpec, {"models": [model_spec(model, v, w) for v in todo], "model_store": store})
+        result = build(spec, progress=False)
+        failed = [f"{e.name}: {e.error}" for e in result.failed]
+        if failed:
+            raise RuntimeError("tspack build failed: " + "; ".join(failed))
+    return {v: v.archive_name(model) for v in variants}
+
+
+def build_naive(model: ModelDef, work: str, store: str) -> str:
+    """The archive a user makes from TorchServe's docs: TorchScript file + a BaseHandler subclass."""
+    from model_archiver import ModelArchiver, ModelArchiverConfig
+
+    name = f"{model.name}-naive"
+    if not os.path.exists(os.path.join(store, f"{name}.mar")):
+        os.makedirs(store, exist_ok=True)
+        config = ModelArchiverConfig(model_name=name, handler=NAIVE_HANDLER, version="1.0",
+                                     serialized_file=torchscript(model, work), export_path=store, force=True)
+        ModelArchiver.generate_model_archive(config)
+    return name

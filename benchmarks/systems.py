@@ -1,0 +1,235 @@
+"""Start and stop each served system, and watch the peak RSS of its process tree.
+
+Every start returns a `Served`: where to POST, the Authorization header, the root pid of its process
+tree, and how to stop it. TorchServe systems go through `archiver.server.start`/`stop` (tspack's own
+config, or the naive baseline's hand-written one); peers are scripts run with benchmarks/.venv's Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from archiver.server import ServerHandle, free_ports, start, stop
+from archiver.serving import ModelEntry, ServerConfig, write_config
+
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+
+
+@dataclass
+class Served:
+    system: str
+    url: str
+    pid: int
+    stop: Callable[[], None]
+    authorization: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class RssPeak:
+    """Samples the summed RSS of a process tree every `interval` seconds while in a `with` block."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid, self.interval = pid, interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> int:
+        try:
+            root = psutil.Process(self.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for process in tree:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> RssPeak:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+
+def _tree_cpu(pid: int, seen: dict[int, float]) -> None:
+    """Record, per process of the tree under `pid`, its CPU seconds so far (user + system)."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for process in tree:
+        try:
+            times = process.cpu_times()
+            seen[process.pid] = times.user + times.system
+        except psutil.Error:
+            pass
+
+
+def _busy_seconds() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+class CpuWatch:
+    """CPU shares of the machine while in a `with` block: the watched tree's, and everything else's.
+
+    `other_share` is what neither the tree, this process, nor `excluded_cpu_s` (wrk's rusage) used: a
+    test suite or a build running beside the benchmark shows up there, and the report flags such rows.
+    """
+
+    def __init__(self, pid: int):
+        self.pid, self.cores = pid, psutil.cpu_count() or 1
+        self.excluded_cpu_s = 0.0
+        self.tree_share = self.other_share = 0.0
+
+    def __enter__(self) -> CpuWatch:
+        self._before: dict[int, float] = {}
+        _tree_cpu(self.pid, self._before)
+        self._self_before = sum(psutil.Process().cpu_times()[:2])
+        self._busy_before, self._t0 = _busy_seconds(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = max(1e-6, time.monotonic() - self._t0)
+        busy = _busy_seconds() - self._busy_before
+        after: dict[int, float] = {}
+        _tree_cpu(self.pid, after)
+        tree = sum(cpu - self._before.get(pid, 0.0) for pid, cpu in after.items())
+        own = 0.0 if self.pid == os.getpid() else sum(psutil.Process().cpu_times()[:2]) - self._self_before
+        capacity = wall * self.cores
+        self.tree_share = round(tree / capacity, 4)
+        self.other_share = round(max(0.0, busy - tree - own - self.excluded_cpu_s) / capacity, 4)
+
+
+def background_share(seconds: float = 2.0) -> float:
+    """Share of the machine busy with other work while nothing of the benchmark runs."""
+    with CpuWatch(os.getpid()) as watch:
+        time.sleep(seconds)
+    return watch.other_share
+
+
+def bearer(handle: ServerHandle) -> str:
+    if not handle.key_file:
+        return ""
+    with open(handle.key_file, encoding="utf-8") as f:
+        return "Bearer " + json.load(f)["inference"]["key"]
+
+
+def _torchserve(system: str, config_path: str, run_dir: str, model: str) -> Served:
+    handle = start(config_path, run_dir, timeout_s=240)
+    return Served(system, f"{handle.inference_url}/predictions/{model}", handle.pid,
+                  lambda: stop(run_dir, quiet=True), bearer(handle))
+
+
+def start_tspack(folder: str, store: str, entry: ModelEntry) -> Served:
+    """tspack: our config (token auth on, model API off), one model version with its archive's settings."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    config = ServerConfig(model_store=store, inference_port=inference, management_port=management,
+                          metrics_port=metrics, grpc_inference_port=grpc_inference,
+                          grpc_management_port=grpc_management, models=(entry,))
+    path = write_config(config, os.path.join(folder, "config.properties"))
+    return _torchserve("tspack", path, os.path.join(folder, "run"), entry.name)
+
+
+NAIVE_PROPERTIES = """# The naive baseline: TorchServe's defaults, plus the ports this benchmark picked.
+# Token authorization stays on (TorchServe 0.12's default); workers = cores, batch size 1.
+inference_address=http://127.0.0.1:{0}
+management_address=http://127.0.0.1:{1}
+metrics_address=http://127.0.0.1:{2}
+grpc_inference_port={3}
+grpc_management_port={4}
+model_store={store}
+load_models={model}={model}.mar
+"""
+
+
+def start_naive(folder: str, store: str, model: str) -> Served:
+    """TorchServe with its defaults (decode_input_request on, default workers) and the naive handler."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.properties")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(NAIVE_PROPERTIES.format(*free_ports(5), store=os.path.abspath(store), model=model))
+    return _torchserve("naive-torchserve", path, os.path.join(folder, "run"), model)
+
+
+def start_peer(system: str, python: str, args: list[str], env: dict, log_path: str,
+               timeout_s: float = 180.0) -> Served:
+    """Run a peer script in its own process group; ready once GET /health answers 200."""
+    port = free_ports(1)[0]
+    script = os.path.join(PEERS, {"fastapi": "fastapi_server.py", "litserve": "litserve_server.py"}[system])
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([python, script, str(port), *args], env={**os.environ, **env}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop_peer() -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # uvicorn / LitServe workers may outlive their parent for a moment
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stop_peer()
+            raise RuntimeError(f"{system} exited with {process.returncode}; see {log_path}")
+        if http_status(base + "/health", None, "", "") == 200:
+            return Served(system, base + "/predict", process.pid, stop_peer)
+        time.sleep(0.25)
+    stop_peer()
+    raise RuntimeError(f"{system} was not ready within {timeout_s:.0f}s; see {log_path}")
+
+
+def http_status(url: str, body: bytes | None, content_type: str, authorization: str, timeout: float = 30) -> int:
+    """The HTTP status of one GET (body None) or POST; 0 when nothing answered."""
+    headers = {"Content-Type": content_type} if body is not None else {}
+    if authorization:
+        headers["Authorization"] = authorization
+    request = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0

@@ -129,8 +129,10 @@ def _torchserve_bin() -> str:
 
 
 def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 180.0,
-          env: Optional[dict] = None, wait_for_models: bool = True) -> ServerHandle:
+          env: Optional[dict] = None, wait_for_models: bool = True, tuned: bool = True) -> ServerHandle:
     """Launch TorchServe with `config_path` and wait until it serves.
+
+    `tuned=False` leaves the workers' environment as stock TorchServe would (for baselines).
 
     Raises:
         ServerError: Java is missing, a port is taken, the server exited, a worker died while loading
@@ -157,7 +159,7 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
         if props.get(key):
             cmd += [flag, props[key]]
     with open(os.path.join(run_dir, "logs", "torchserve.out"), "ab") as out:
-        process = subprocess.Popen(cmd, cwd=run_dir, env=_child_env(run_dir, tmp_dir, java, env), stdout=out,
+        process = subprocess.Popen(cmd, cwd=run_dir, env=_child_env(run_dir, tmp_dir, java, env, tuned), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     handle = ServerHandle(
         run_dir=run_dir, config_path=config_path, pid=process.pid, inference_url=urls["inference"],
@@ -190,13 +192,14 @@ def _prepare_run_dir(run_dir: str) -> str:
     return run_dir
 
 
-def _child_env(run_dir: str, tmp_dir: str, java: str, extra: Optional[dict]) -> dict:
+def _child_env(run_dir: str, tmp_dir: str, java: str, extra: Optional[dict], tuned: bool = True) -> dict:
     env = dict(os.environ)
     # The archive's own handlers must win over any checkout on PYTHONPATH: the worker puts PYTHONPATH first.
     env.pop("PYTHONPATH", None)
     # Idle OpenMP threads sleep instead of spinning: a spinning second torch thread in a worker otherwise takes
     # the CPU the frontend needs (measured here: 14 -> 87 requests/s at concurrency 1 on 2 cores).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if tuned:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update({
         "TEMP": tmp_dir, "TMPDIR": tmp_dir, "LOG_LOCATION": os.path.join(run_dir, "logs"),
         "METRICS_LOCATION": os.path.join(run_dir, "logs"), "PYTHONUNBUFFERED": "1",

@@ -144,8 +144,8 @@ def bearer(handle: ServerHandle) -> str:
         return "Bearer " + json.load(f)["inference"]["key"]
 
 
-def _torchserve(system: str, config_path: str, run_dir: str, model: str) -> Served:
-    handle = start(config_path, run_dir, timeout_s=240)
+def _torchserve(system: str, config_path: str, run_dir: str, model: str, tuned: bool = True) -> Served:
+    handle = start(config_path, run_dir, timeout_s=240, tuned=tuned)
     return Served(system, f"{handle.inference_url}/predictions/{model}", handle.pid,
                   lambda: stop(run_dir, quiet=True), bearer(handle))
 
@@ -178,7 +178,7 @@ def start_naive(folder: str, store: str, model: str) -> Served:
     path = os.path.join(folder, "config.properties")
     with open(path, "w", encoding="utf-8") as f:
         f.write(NAIVE_PROPERTIES.format(*free_ports(5), store=os.path.abspath(store), model=model))
-    return _torchserve("naive-torchserve", path, os.path.join(folder, "run"), model)
+    return _torchserve("naive-torchserve", path, os.path.join(folder, "run"), model, tuned=False)
 
 
 def start_peer(system: str, python: str, args: list[str], env: dict, log_path: str,

@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Optional
 
-from handlers.base import is_describe_request, warm_up, write_answers
+from handlers.base import is_describe_request, quiet_worker_logs, warm_up, write_answers
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError, TspackError
 from handlers.metrics import HandlerMetrics
@@ -69,6 +69,7 @@ class ABRouterHandler:
         variants = [(v.name, v.weight, self.pipelines[v.name].manifest.version) for v in self.manifest.policy.variants]
         logger.info("tspack router %s %s: variants %s, shadow %s", self.manifest.name, self.manifest.version,
                     variants, shadow.name if shadow else None)
+        quiet_worker_logs(context)
 
     def route(self, requests: list) -> tuple[dict[str, list[int]], dict[int, Answer]]:
         """Variant name -> request indices; requests whose routing key is invalid get their 4xx here."""

@@ -82,6 +82,7 @@ class TspackHandler:
         self.initialized = True
         logger.info("tspack loaded %s %s: %s from %s", manifest.name, manifest.version,
                     runtime.describe(), os.path.dirname(os.path.abspath(__file__)))
+        quiet_worker_logs(context)
 
     def handle(self, data: list, context: Any) -> list:
         if is_describe_request(context):
@@ -119,6 +120,21 @@ class TspackHandler:
         description["handler"] = {"class": type(self).__name__,
                                   "code_dir": os.path.dirname(os.path.abspath(__file__))}
         return description
+
+
+def quiet_worker_logs(context: Any) -> None:
+    """Stop the per-request INFO lines of TorchServe's worker ("Backend received inference at: ...").
+
+    Each is a line on the worker's stdout that the frontend reads, parses and writes to model_log.log.
+    Warnings and errors still pass, and so do metrics (ts.metrics keeps INFO). model-config.yaml's
+    `handler: {worker_log_level: INFO}` keeps TorchServe's default.
+    """
+    handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+    level = str(handler_config.get("worker_log_level", "WARNING")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        level = "WARNING"
+    logging.getLogger().setLevel(level)
+    logging.getLogger("ts.metrics").setLevel(logging.INFO)
 
 
 def warm_up(pipeline: Pipeline) -> None:

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", help=".npz with validation inputs x (and labels y)")
     b.add_argument("--labels", help="class names: a,b,c or a JSON file (list or index_to_name.json)")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--max-batch-delay", type=int, default=5, help="ms")
+    b.add_argument("--max-batch-delay", type=int, default=2, help="ms")
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--gpus", type=int, help="GPUs of the host the archives are for (default: the spec's, else "
                    "this host's)")

@@ -39,7 +39,7 @@ class ModelEntry:
     workers: int = 1
     max_workers: Optional[int] = None
     batch_size: int = 8
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 2
     response_timeout_s: int = 120
     default: bool = True
     device_type: Optional[str] = None

@@ -76,7 +76,7 @@ class ServingSpec:
     """TorchServe settings for one model: batching, workers, timeouts, threads."""
 
     batch_size: int = 8
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 2
     workers: int = 1
     max_workers: Optional[int] = None
     response_timeout_s: int = 120

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tspack-installed
 
-.PHONY: setup java demo test lint unit integration bench bench-optimize bench-preprocess reliability stop clean
+.PHONY: setup java demo test lint unit integration bench bench-optimize bench-preprocess bench-ab reliability stop clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@scripts/check_java.sh
@@ -41,6 +41,10 @@ bench: java $(STAMP)
 # In-process optimization figures (issue 3): int8 and ONNX Runtime speed, size and agreement.
 bench-optimize: $(STAMP)
 	$(BIN)/python benchmarks/optimize_bench.py
+
+# The A/B paths under load (issue 5): direct, router, router + shadow, .war; 60 s each.
+bench-ab: java $(STAMP)
+	$(BIN)/python benchmarks/ab_bench.py
 
 # Image preprocessing vs torchvision (issue 4); torchvision goes into benchmarks/.venv-vision only.
 bench-preprocess: $(STAMP)

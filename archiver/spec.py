@@ -271,13 +271,14 @@ class StickySpec:
 
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """The `.war` twin of the router. Its settings work around TorchServe 0.12's lost-answer stall."""
+    """The `.war` twin of the router. Its settings bound TorchServe 0.12's lost-answer stall (a short node timeout
+    with retries instead of 10 s); they cannot remove it."""
 
     enabled: bool = True
     batch_size: int = 2
     max_batch_delay_ms: int = 5
-    timeout_ms: int = 2000
-    retry_attempts: int = 2
+    timeout_ms: int = 500
+    retry_attempts: int = 3
 
     def __post_init__(self):
         _require(self.batch_size >= 1 and self.max_batch_delay_ms >= 0, "ab.workflow: batch settings must be >= 0")

@@ -74,8 +74,10 @@ def artifacts(store: str) -> None:
 
 def run_load(url: str, key: str, body: bytes, seconds: float, clients: int, keyed: bool) -> dict:
     """`clients` threads, each on one persistent connection, for `seconds`; every request has a new key."""
-    host, port = url.split("//", 1)[1].split(":")
-    path = url.split(port, 1)[1]
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port, path = parts.hostname, parts.port, parts.path
     latencies: list[float] = []
     variants: dict[str, int] = {}
     errors = [0]
@@ -91,6 +93,7 @@ def run_load(url: str, key: str, body: bytes, seconds: float, clients: int, keye
                 headers["X-Request-Key"] = f"user-{index}-{sent}"
             sent += 1
             started = time.perf_counter()
+            response = None
             try:
                 connection.request("POST", path, body=body, headers=headers)
                 response = connection.getresponse()
@@ -106,7 +109,7 @@ def run_load(url: str, key: str, body: bytes, seconds: float, clients: int, keye
                 connection = http.client.HTTPConnection(host, int(port), timeout=60)
             with lock:
                 latencies.append(elapsed)
-                if variant is None or (response.status != 200):
+                if variant is None or response is None or response.status != 200:
                     errors[0] += 1
                 else:
                     variants[variant] = variants.get(variant, 0) + 1
@@ -138,7 +141,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {row['requests']:,} | {row['req_per_s']:,.0f} | {row['errors']} | "
                      f"{row['stalls_over_1s']} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | "
                      f"{row['max_ms']:.0f} | {row['p99_ms'] / direct['p99_ms']:.2f} | {split} |")
-    router = rows["router"]
+    router, war = rows["router"], rows["workflow (.war)"]
     lines += ["", "Targets for the recommended path (router): zero requests over 1 s "
               f"({'met' if router['stalls_over_1s'] == 0 else 'MISSED'}), zero errors "
               f"({'met' if router['errors'] == 0 else 'MISSED'}), p99 <= 1.5x direct "
@@ -146,10 +149,13 @@ def markdown(result: dict) -> str:
               f"{router['p99_ms'] / direct['p99_ms']:.2f}x), split within 2 points of 50/50 over "
               f"{router['requests']:,} keyed requests "
               f"({'met' if abs(router['split'].get('a', 0) - 0.5) <= 0.02 else 'MISSED'}).",
-              "", "The `.war` runs TorchServe's DAG executor (route -> a, b -> merge) with the generated mitigation "
-              "for its lost-answer stall: every node batches (batch 2, 5 ms delay) so no answer can arrive before "
-              "the executor attaches its promise, and a lost one would cost the 2 s timeout, not 10 s. Its row shows "
-              "what is left: four worker hops per request instead of one.", MARKERS[1]]
+              "", f"The `.war` runs TorchServe's DAG executor (route -> a, b -> merge): four worker hops per request "
+              f"instead of one, and its lost-answer race is still there. {war['stalls_over_1s']} of "
+              f"{war['requests']:,} requests ({100 * war['stalls_over_1s'] / war['requests']:.2f}%) took over 1 s, "
+              f"the slowest {war['max_ms'] / 1000:.1f} s. The generated spec only bounds the damage: a 500 ms node "
+              "timeout with 3 retries instead of TorchServe's 10 s (a lost answer costs 0.5 s per loss), and "
+              "batching with a 5 ms delay on every node, which keeps a lone request's answer from racing the "
+              "executor but cannot under load, when batches fill at once.", MARKERS[1]]
     return "\n".join(lines)
 
 

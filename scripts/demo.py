@@ -94,6 +94,18 @@ def curl_ab(path: str, user: str, body_file: str, key: str, show: bool) -> dict:
     return json.loads(subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout)
 
 
+def demo_users() -> list[str]:
+    """Three users of whom at least one lands on each arm (the split is by SHA-256 of the key and the salt)."""
+    sys.path.insert(0, ROOT)
+    from handlers.routing import RoutingPolicy, Variant
+
+    policy = RoutingPolicy(variants=(Variant("a", 0.5), Variant("b", 0.5)), salt="digits-ab")
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+    first = names[0]
+    other = next(n for n in names if policy.choose(n).name != policy.choose(first).name)
+    return [first, other, next(n for n in names if n not in (first, other))]
+
+
 def ab_split(sample: np.ndarray, keys: int) -> dict:
     from archiver.server import ServerHandle
 
@@ -166,7 +178,7 @@ def main() -> int:
     tspack("register", os.path.join(STORE, "digits-ab_v1.0.mar"))
     tspack("register", os.path.join(STORE, "digits-ab_v1.0.war"))
     body_file = os.path.join(WORK, "heldout_0.json")
-    for user in ("alice", "bob", "carol"):
+    for user in demo_users():
         seen = []
         for path in ("predictions", "predictions", "predictions", "wfpredict"):
             answer = curl_ab(path, user, body_file, key, show=user == "alice" and path == "wfpredict" or not seen)

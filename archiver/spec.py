@@ -92,8 +92,8 @@ class ServingSpec:
         _require(self.max_batch_delay_ms >= 0,
                  f"serving.max_batch_delay_ms: must be >= 0, got {self.max_batch_delay_ms}")
         _require(self.batch_size == 1 or self.max_batch_delay_ms >= 1,
-                 "serving.max_batch_delay_ms: must be >= 1 with batching; TorchServe 0.12 with 0 ms stalls a lone "
-                 "request (~110 ms at concurrency 1, measured here)")
+                 "serving.max_batch_delay_ms: must be >= 1 with batching; TorchServe 0.12 reads 0 as unset and "
+                 "waits its 100 ms default for every lone request")
         _require(self.batch_size > 1 or self.max_batch_delay_ms == 0,
                  f"serving.max_batch_delay_ms: {self.max_batch_delay_ms} ms of batch delay without batching "
                  "(batch_size 1) only adds latency; set batch_size > 1 or max_batch_delay_ms: 0")

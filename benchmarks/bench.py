@@ -221,6 +221,10 @@ def tspack_step(key: str, variant: Variant | Callable[[Bench], Variant], loads: 
     return Step(f"tspack {key} {shown}", run)
 
 
+def unbatched_variants() -> list[Variant]:
+    return [Variant(runtime, 1, 1, 1, 0) for runtime in ("torchscript", "onnx")]
+
+
 def best_light_variant(runtime: str) -> Callable[[Bench], Variant]:
     def pick(bench: Bench) -> Variant:
         best = report.best_row(bench.rows, "tspack", "light", "torchscript", "json")
@@ -289,7 +293,7 @@ def peers_env_step() -> Step:
 
 def light_steps(s: Settings) -> list[Step]:
     cs, on = s.concurrencies, set(s.systems)
-    steps = [prepare("light", s.light_variants())]
+    steps = [prepare("light", s.light_variants() + ([] if s.quick else unbatched_variants()))]
     if "limit" in on:
         runtimes = ("torchscript",) if s.quick else ("torchscript", "onnx")
         steps += [limit_step("light", r, (8, 32), 2) for r in runtimes]
@@ -297,6 +301,9 @@ def light_steps(s: Settings) -> list[Step]:
         steps += [tspack_step("light", v, [("json", cs)], cold=i == 0) for i, v in enumerate(s.light_variants())]
         if not s.quick:
             steps.append(tspack_step("light", best_light_variant("onnx"), [("json", cs)]))
+            # The c=1 floor without batching: TorchServe 0.12 cannot batch without a wait of >= 1 ms (a
+            # maxBatchDelay of 0 falls back to its 100 ms default), so these rows show what that wait costs.
+            steps += [tspack_step("light", v, [("json", (1,))]) for v in unbatched_variants()]
     if "naive" in on:
         steps.append(naive_step("light", (32,) if s.quick else cs))
     if "fastapi" in on:

@@ -70,6 +70,7 @@ def test_cpu_fallback_for_all_gpus_on_a_cpu_host():
 @pytest.mark.parametrize("kwargs,message", [
     ({"workers": -2}, "serving.workers: must be >= 1, got -2"),
     ({"batch_size": 1, "max_batch_delay_ms": 5}, "serving.max_batch_delay_ms: 5 ms of batch delay without batching"),
+    ({"batch_size": 8, "max_batch_delay_ms": 0}, "serving.max_batch_delay_ms: must be >= 1 with batching"),
     ({"devices": [1, 1]}, "serving.devices: a list of distinct GPU ids"),
     ({"devices": "gpus"}, "devices: 'gpus' is not allowed; expected 'cpu', 'all' or a list"),
     ({"workers_per_gpu": 0}, "serving.workers_per_gpu: must be >= 1"),

@@ -106,14 +106,18 @@ def demo_users() -> list[str]:
     return [first, other, next(n for n in names if n not in (first, other))]
 
 
-def ab_split(sample: np.ndarray, keys: int) -> dict:
+def ab_split(samples: np.ndarray, keys: int) -> dict:
+    """Key i sends held-out digit i (cycling), so the shadow's agreement figures mean something."""
     from archiver.server import ServerHandle
 
     client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
-    body = {"data": sample.tolist()}
+
+    def variant(i: int) -> str:
+        body = {"data": samples[i % len(samples)].tolist()}
+        return client.predict("digits-ab", body, headers={"X-Request-Key": f"user-{i}"}).json()["variant"]
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        variants = list(pool.map(lambda i: client.predict("digits-ab", body, headers={"X-Request-Key": f"user-{i}"})
-                                 .json()["variant"], range(keys)))
+        variants = list(pool.map(variant, range(keys)))
     return {v: variants.count(v) / keys for v in ("a", "b")}
 
 
@@ -124,9 +128,19 @@ def show_ab_metrics() -> None:
 
     time.sleep(2.5)  # the shadow compares off the answer path; counters are flushed every second
     print("$ curl -s http://127.0.0.1:8082/metrics | grep 'ModelName=\"digits-ab\"'")
+    shadow: dict[str, dict[str, float]] = {}
     for line in requests.get("http://127.0.0.1:8082/metrics", timeout=10).text.splitlines():
         if 'ModelName="digits-ab"' in line and line.startswith(("tspack_requests_total", "tspack_shadow_total")):
             print("  " + line)
+        if line.startswith("tspack_shadow_total") and 'ModelName="digits-ab"' in line:
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(",") if part)
+            counts = shadow.setdefault(labels["Primary"].strip('"'), {})
+            counts[labels["Outcome"].strip('"')] = float(line.rsplit(" ", 1)[1])
+    for primary, counts in sorted(shadow.items()):
+        total = sum(counts.values())
+        if total:
+            print(f"  shadow (2.0 int8) agreed with variant {primary} on {counts.get('agree', 0) / total:.1%} "
+                  f"of {total:.0f} requests")
 
 
 def main() -> int:
@@ -184,7 +198,7 @@ def main() -> int:
             answer = curl_ab(path, user, body_file, key, show=user == "alice" and path == "wfpredict" or not seen)
             seen.append(f"{answer['variant']}={answer['version']}" + (" (.war)" if path == "wfpredict" else ""))
         print(f"  -> {user}: {', '.join(seen)}")
-    split = ab_split(x[0], 1000)
+    split = ab_split(x, 1000)
     print(f"  1000 keys: variant a (1.0) {split['a']:.1%}, variant b (2.0) {split['b']:.1%}  (weights 50/50)")
     show_ab_metrics()
 

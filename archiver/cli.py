@@ -65,7 +65,8 @@ def spec_from_flags(args: argparse.Namespace):
         "frontend": args.frontend,
         "artifacts": [{"format": fmt, "id": "main" if i == 0 else fmt, "method": args.method}
                       for i, fmt in enumerate(args.format)],
-        "serving": {"batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay, "workers": args.workers},
+        "serving": {"batch_size": args.batch_size, "workers": args.workers,
+                    **({} if args.max_batch_delay is None else {"max_batch_delay_ms": args.max_batch_delay})},
     }
     if args.tolerance is not None:
         model["tolerance"] = args.tolerance
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", help=".npz with validation inputs x (and labels y)")
     b.add_argument("--labels", help="class names: a,b,c or a JSON file (list or index_to_name.json)")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--max-batch-delay", type=int, default=2, help="ms")
+    b.add_argument("--max-batch-delay", type=int, help="ms (default: 2 with batching, 0 with --batch-size 1)")
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--gpus", type=int, help="GPUs of the host the archives are for (default: the spec's, else "
                    "this host's)")

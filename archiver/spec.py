@@ -71,12 +71,16 @@ class SamplesSpec:
         _require(self.count >= 2, f"samples.count: must be >= 2, got {self.count}")
 
 
+DEFAULT_BATCH_DELAY_MS = 2
+
+
 @dataclass(frozen=True)
 class ServingSpec:
     """TorchServe settings for one model: batching, workers, timeouts, threads."""
 
     batch_size: int = 8
-    max_batch_delay_ms: int = 2
+    # None: 2 ms with batching, 0 without (the only values TorchServe 0.12 handles well for each).
+    max_batch_delay_ms: Optional[int] = None
     workers: int = 1
     max_workers: Optional[int] = None
     response_timeout_s: int = 120
@@ -89,6 +93,8 @@ class ServingSpec:
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"serving.batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_batch_delay_ms is None:
+            object.__setattr__(self, "max_batch_delay_ms", DEFAULT_BATCH_DELAY_MS if self.batch_size > 1 else 0)
         _require(self.max_batch_delay_ms >= 0,
                  f"serving.max_batch_delay_ms: must be >= 0, got {self.max_batch_delay_ms}")
         _require(self.batch_size == 1 or self.max_batch_delay_ms >= 1,

@@ -135,8 +135,8 @@ NOTES = [
     "to 0.75 (8 random samples), since random weights give near-tied logits.",
     "CPU columns: shares of all cores over the measured run, used by wrk, by the served system's process tree, and "
     "by anything else (other work beside the benchmark: rows above ~10% are not trustworthy).",
-    "Each body format gets a 1 s warm-up at concurrency 8; before each measured run the harness waits until the "
-    "requests left queued by the previous run are answered.",
+    "Each server gets a 6 s warm-up at concurrency 32 per body format (3 s under --quick); before each measured "
+    "run the harness waits until the requests left queued by the previous run are answered.",
     "Noise between runs on this 2-core machine is 10-15%.",
 ]
 

@@ -181,3 +181,37 @@ def test_eager_checkpoint_is_never_unpickled(tmp_path):
 
     with pytest.raises(BuildError, match="source.weights: .* is not a loadable state_dict"):
         build(spec, progress=False)
+
+
+PLAIN = NOISY.replace(" + 0.01 * torch.rand_like(self.fc(x))", "").replace("Noisy", "Plain")
+
+
+def test_an_artifact_that_crashes_is_reported_and_the_others_still_build(tmp_path):
+    """An exception from torch, ONNX Runtime or a user hook fails that artifact only, with its name."""
+    model_class, weights = small_model(tmp_path, PLAIN, "Plain")
+    hook = tmp_path / "broken_symbolics.py"
+    hook.write_text("def register(opset):\n    raise RuntimeError('symbolic registry is broken')\n")
+    store = str(tmp_path / "store")
+    spec = parse(DeploySpec, {"model_store": store, "models": [model_dict(model_class, weights, artifacts=[
+        {"format": "onnx", "id": "onnx", "custom_ops": str(hook)}, {"format": "torchscript", "id": "ts"}])]})
+    result = build(spec, progress=False)
+    crashed, good = result.entries
+    assert not crashed.passed
+    assert crashed.error == "small-onnx@1.0: RuntimeError: symbolic registry is broken"
+    assert good.passed and os.path.exists(good.archive)
+    assert not os.path.exists(os.path.join(store, "small-onnx_v1.0.mar"))
+    report = load_report(store)["artifacts"]
+    assert report["small-onnx@1.0"]["passed"] is False and report["small-ts@1.0"]["passed"] is True
+
+
+def test_cli_exits_1_when_an_artifact_fails_validation(tmp_path):
+    model_class, weights = small_model(tmp_path, CONTROL_FLOW, "Branchy")
+    store = tmp_path / "store"
+    run = subprocess.run([sys.executable, "-m", "archiver.cli", "build", "--quiet", "--name", "branchy",
+                          "--model-class", model_class, "--weights", weights, "--input-shape", "4",
+                          "--batch-size", "1", "--model-store", str(store)], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    assert "FAIL" in run.stdout and "use method: script" in run.stdout
+    assert run.stderr.strip() == "tspack build: 1 artifact(s) failed validation: branchy@1.0"
+    assert "Traceback" not in run.stderr
+    assert os.listdir(store) == ["build_report.json"]

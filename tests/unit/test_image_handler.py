@@ -165,3 +165,48 @@ def test_large_jpeg_is_decoded_in_draft_mode(monkeypatch):
     calls.clear()
     preprocess(encode(Image.new("RGB", (300, 260)), "JPEG"), spec)
     assert calls == []  # a small image decodes at full size: no resolution to save
+
+
+@pytest.fixture(scope="module")
+def int8_store(trained, tmp_path_factory):
+    """The trained digits CNN as image + torch dynamic int8 and image + ONNX Runtime static int8."""
+    store = str(tmp_path_factory.mktemp("int8-store"))
+    support.build_models(store, [support.digits_model(
+        "digits", "1.0", trained["weights"], trained["heldout"], frontend="image", image=support.IMAGE_SPEC,
+        artifacts=[{"format": "torchscript", "id": "int8", "quantize": {"mode": "dynamic"}},
+                   {"format": "onnx", "id": "onnx-int8", "quantize": {"mode": "static"}}])])
+    return store
+
+
+@pytest.mark.parametrize("archive,runtime,scheme", [
+    ("digits-int8_v1.0.mar", "torchscript-int8", "dynamic-int8"),
+    ("digits-onnx-int8_v1.0.mar", "onnxruntime-int8", "static-int8"),
+])
+def test_int8_handlers_answer_like_eager_and_describe_their_scheme(int8_store, trained, tmp_path, archive,
+                                                                    runtime, scheme):
+    import torch
+
+    from handlers.runtimes.quantized import choose_quantized_engine
+
+    model_dir = support.extract(os.path.join(int8_store, archive), str(tmp_path / "model"))
+    handler = ImageHandler()
+    handler.initialize(support.make_context(model_dir))
+    described = handler.describe()
+    assert described["runtime"]["runtime"] == runtime and described["runtime"]["quantization"] == scheme
+    if runtime == "torchscript-int8":
+        engine = choose_quantized_engine()
+        assert engine in torch.backends.quantized.supported_engines
+        assert described["runtime"]["quantized_engine"] == engine == torch.backends.quantized.engine
+    x = np.load(trained["heldout"])["x"][:8]
+    pngs = [support.digit_png(row) for row in x]
+    statuses, bodies = call(handler, [(p, "image/png") for p in pngs[:4]] + [(pngs[4][:40], "image/png")]
+                            + [(p, "image/png") for p in pngs[5:]])
+    assert statuses == [200] * 4 + [422] + [200] * 3
+    pixels = np.stack([preprocess(p, ImageSpec(**support.IMAGE_SPEC)) for p in pngs])
+    expected = support.softmax(support.eager_outputs(trained["weights"], pixels))
+    answered = [(b, e) for i, (b, e) in enumerate(zip(bodies, expected)) if i != 4]
+    agree = [b["predictions"][0]["index"] == int(e.argmax()) for b, e in answered]
+    assert sum(agree) >= len(agree) - 1, agree
+    for body, probabilities in answered:
+        top = body["predictions"][0]
+        assert top["probability"] == pytest.approx(float(probabilities[top["index"]]), abs=0.1)

@@ -211,3 +211,60 @@ def test_dynamic_int8_refusals_are_clear():
         quantize_dynamic_torch(nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)))
     with pytest.raises(BuildError, match="needs Linear, LSTM or GRU"):
         quantize_dynamic_torch(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_torch_dynamic_int8_quantizes_gru_and_linear_and_traces():
+    from torch import nn
+
+    from archiver.export import to_torchscript
+    from archiver.quantize import quantize_dynamic_torch
+
+    class GRUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(8, 32, batch_first=True)
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            out, _ = self.gru(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model = GRUNet().eval()
+    quantized = quantize_dynamic_torch(model)
+    assert isinstance(quantized.gru, torch.ao.nn.quantized.dynamic.GRU)
+    assert isinstance(quantized.head, torch.ao.nn.quantized.dynamic.Linear)
+    x = torch.randn(16, 12, 8)
+    with torch.no_grad():
+        assert 0 < float((quantized(x) - model(x)).abs().max()) < 0.05
+        traced = to_torchscript(quantized, x[:1], "trace")
+        assert torch.equal(traced(x), quantized(x))
+        assert traced(torch.randn(3, 20, 8)).shape == (3, 4)  # other batch and sequence lengths
+
+
+def test_fp16_is_held_to_an_fp16_tolerance_not_the_fp32_one(trained):
+    """On a GPU host the fp16 artifact is validated; its criteria must fit half precision (checked on CPU)."""
+    from archiver.build import FP16_TOLERANCE, _criteria
+    from archiver.spec import ArtifactSpec, ModelSpec
+    from archiver.validate import compare
+
+    model = parse(ModelSpec, support.digits_model("digits", "1.0", trained["weights"], trained["heldout"]))
+    fp16, fp32 = parse(ArtifactSpec, {"format": "torchscript", "precision": "fp16"}), parse(ArtifactSpec, {})
+    criteria = _criteria(model, fp16)
+    assert criteria.tolerance == FP16_TOLERANCE and criteria.min_top1_agreement == 0.99
+    eager = trained["model"].eval()
+    half = type(eager)()
+    half.load_state_dict(eager.state_dict())
+    half = half.half().eval()
+    inputs = np.load(trained["heldout"])["x"][:64]
+
+    def run(net, dtype):
+        def call(x):
+            with torch.no_grad():
+                return net(torch.from_numpy(x).to(dtype)).float().numpy()
+        return call
+
+    figures = compare(run(eager, torch.float32), run(half, torch.float16), inputs, criteria)
+    assert figures.passed, figures.failures
+    assert 1e-4 < figures.max_abs_error < FP16_TOLERANCE  # fp32's tolerance would have failed this artifact
+    assert not compare(run(eager, torch.float32), run(half, torch.float16), inputs, _criteria(model, fp32)).passed

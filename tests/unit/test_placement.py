@@ -105,3 +105,47 @@ def test_build_and_config_for_a_multi_gpu_host(tmp_path, digits_store):
     assert two.returncode == 2 and "places workers on GPUs [2, 3], but this host has 2" in two.stderr
     with pytest.raises(SpecError, match=r"models.digits.serving.devices: GPU 2 does not exist"):
         build(parse(DeploySpec, {"model_store": str(tmp_path / "s2"), "models": [model], "gpus": 2}), progress=False)
+
+
+# The handler side of placement. No GPU here, so CUDA's presence is faked at the one place each runtime asks;
+# what is checked is the device and provider options a worker would use for the gpu_id TorchServe gives it.
+@pytest.mark.parametrize("gpu_id", [0, 1, 3, 7])
+def test_torch_worker_goes_to_the_gpu_torchserve_assigned(digits_dir, monkeypatch, gpu_id):
+    import handlers.device as device
+
+    monkeypatch.setattr(device, "_cuda_available", lambda: True)
+    placement = device.placement_for(support.make_context(digits_dir, gpu=gpu_id))
+    assert (placement.device, placement.gpu_id, placement.is_cuda) == (f"cuda:{gpu_id}", gpu_id, True)
+
+
+def test_torch_worker_stays_on_cpu_without_a_gpu_id_or_without_cuda(digits_dir, monkeypatch):
+    import handlers.device as device
+
+    monkeypatch.setattr(device, "_cuda_available", lambda: True)
+    assert device.placement_for(support.make_context(digits_dir)).device == "cpu"
+    monkeypatch.setattr(device, "_cuda_available", lambda: False)
+    placement = device.placement_for(support.make_context(digits_dir, gpu=2))
+    assert (placement.device, placement.gpu_id) == ("cpu", 2)
+
+
+def test_gpu_only_archive_refuses_a_cpu_worker(digits_dir):
+    from handlers.device import placement_for
+    from handlers.errors import ModelLoadError
+
+    context = support.make_context(digits_dir)
+    context.model_yaml_config["handler"] = {"cpu_fallback": False}
+    with pytest.raises(ModelLoadError, match="requires a GPU"):
+        placement_for(context)
+
+
+def test_onnx_runtime_uses_the_cuda_provider_on_the_assigned_gpu(monkeypatch):
+    import onnxruntime
+
+    from handlers.runtimes.onnx import providers_for
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers_for(5) == [("CUDAExecutionProvider", {"device_id": 5}), "CPUExecutionProvider"]
+    assert providers_for(None) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert providers_for(5) == ["CPUExecutionProvider"]

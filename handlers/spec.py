@@ -12,12 +12,13 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from handlers.errors import SpecError
 
 MANIFEST_FILE = "tspack-manifest.json"
+INDEX_TO_NAME_FILE = "index_to_name.json"
 # `X | Y` unions exist from Python 3.10; the official TorchServe 0.12 images run 3.9.
 _UNION_TYPE = getattr(types, "UnionType", typing.Union)
 
@@ -278,10 +279,27 @@ class ArtifactManifest:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecError(f"{MANIFEST_FILE}: cannot read {path}: {exc}") from exc
-        return parse(cls, data)
+        manifest = parse(cls, data)
+        labels_file = os.path.join(model_dir, INDEX_TO_NAME_FILE)
+        if os.path.exists(labels_file):  # TorchServe's convention wins, so a user can relabel an archive
+            manifest = replace(manifest, output=replace(manifest.output, labels=read_index_to_name(labels_file)))
+        return manifest
 
     def dump(self, model_dir: str) -> str:
         path = os.path.join(model_dir, MANIFEST_FILE)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(to_dict(self), f, indent=2, sort_keys=True)
         return path
+
+
+def read_index_to_name(path: str) -> tuple[str, ...]:
+    """Labels from TorchServe's index_to_name.json: {"0": "cat"} or ImageNet's {"0": ["n01440764", "tench"]}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f)
+        by_index = {int(k): (v[-1] if isinstance(v, list) and v else v) for k, v in mapping.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise SpecError(f"{INDEX_TO_NAME_FILE}: expected {{\"0\": \"label\", ...}}: {exc}") from exc
+    if not by_index or min(by_index) < 0 or not all(isinstance(v, str) for v in by_index.values()):
+        raise SpecError(f"{INDEX_TO_NAME_FILE}: expected {{\"0\": \"label\", ...}} with indices >= 0")
+    return tuple(by_index.get(i, str(i)) for i in range(max(by_index) + 1))

@@ -210,3 +210,24 @@ def test_metrics_are_emitted_through_torchserve(digits_dir, tmp_path):
     assert requests.dimension_names == ["ModelName", "ModelVersion", "Variant", "Status"]
     h.metrics.flush()  # counters are summed in memory and flushed every second in a worker
     assert h.metrics._warned == set()
+
+
+def test_labels_come_from_index_to_name_json(digits_dir):
+    """TorchServe's convention: an archive's index_to_name.json names the classes (ImageNet's list form too)."""
+    import os
+
+    from handlers.errors import SpecError
+
+    path = os.path.join(digits_dir, "index_to_name.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({str(i): [f"n{i:03d}", f"class-{i}"] for i in range(10)}, f)
+    h = TensorHandler()
+    h.initialize(support.make_context(digits_dir))
+    statuses, bodies = call(h, [(json.dumps({"data": sample().tolist()}).encode(), "application/json")])
+    assert statuses == [200]
+    for prediction in bodies[0]["predictions"]:
+        assert prediction["label"] == f"class-{prediction['index']}"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"zero": "0"}')
+    with pytest.raises(SpecError, match="index_to_name.json"):
+        TensorHandler().initialize(support.make_context(digits_dir))

@@ -13,7 +13,7 @@ RATIO_KEYS = ("e2e_over_limit_heavy", "e2e_over_limit_heavy_best_runtime", "e2e_
               "tspack_over_naive_light", "tspack_over_naive_heavy", "tspack_over_fastapi_light",
               "tspack_over_litserve_light", "p99_over_fastapi_light", "c1_p50_ms_light", "c1_p50_ms_light_min",
               "c1_p50_ms_light_unbatched", "c1_p50_ms_light_unbatched_onnx",
-              "cold_start_s")
+              "cold_start_s", "cold_start_light_s")
 ROW_FIELDS = ("system", "model", "runtime", "config", "body", "concurrency", "batch_size", "requests_per_s", "p50_ms",
               "p95_ms", "p99_ms", "errors", "requests", "duration_s", "peak_rss_mb", "loadgen_cpu_share",
               "server_cpu_share", "other_cpu_share", "best")
@@ -112,7 +112,8 @@ def document(results: dict, settings) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": settings.command, "quick": settings.quick, "machine": machine(),
         "elapsed_s": results["elapsed_s"], "background_cpu_share_at_start": results["background_at_start"],
-        "ratios": ratios(rows, results["cold_start_s"]),
+        "ratios": {**ratios(rows, results["cold_start_s"]), "cold_start_light_s": results.get("cold_start_light_s")},
+        "cold_start_of": results.get("cold_start_of"),
         "rows": [{k: r.get(k) for k in ROW_FIELDS} for r in rows], "failures": results["failures"],
         "notes": NOTES,
     }
@@ -223,6 +224,8 @@ def markdown(doc: dict) -> str:
              + (" (**not trustworthy**: rerun on a quiet machine)" if contended(doc) else "") + ".", "",
              "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in doc["ratios"].items()]
+    if doc.get("cold_start_of"):
+        lines += ["", f"cold_start_s: {doc['cold_start_of']}; cold_start_light_s: one light archive."]
     lines += ["", "★ = the system's best configuration (requests/s at concurrency 32) for that runtime and body.", "",
               "| system | model | runtime | config | body | c | batch | req/s | p50 ms | p95 ms | p99 ms | errors "
               "| peak RSS MB | wrk CPU | server CPU | other CPU |", "|" + "---|" * 16]

@@ -335,11 +335,12 @@ def heavy_steps(s: Settings) -> list[Step]:
         steps += [tspack_step("heavy", Variant(r, 1, 2, 8, 5), [("npy", (1, 32))]) for r in runtimes[1:]]
     if "naive" in on:
         steps.append(naive_step("heavy", (32,)))
-    # Peers on the heavy model, fp32 TorchScript, on the same .npy bodies as tspack's heavy rows.
+    # Peers on the heavy model, fp32 TorchScript: FastAPI on the .npy bodies of tspack's heavy rows; LitServe
+    # parses every body as JSON before its decode_request sees it, so it gets the JSON body of the naive row.
     if "fastapi" in on:
         steps.append(fastapi_step("heavy", 2, 1, (1, 32), body="npy"))
     if "litserve" in on:
-        steps.append(litserve_step("heavy", 8, 0.005, 2, (1, 32), body="npy"))
+        steps.append(litserve_step("heavy", 8, 0.005, 2, (32,), body="json"))
     return steps
 
 

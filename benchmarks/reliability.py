@@ -267,12 +267,22 @@ def status_cli(run_dir: str, as_json: bool = True) -> tuple[int, str]:
     return done.returncode, done.stdout
 
 
-def seed_history(rig: Rig, age_s: float = 61.0) -> None:
-    """Record the current counters as a snapshot `age_s` old, as an earlier `serve status` would have."""
+def seed_history(rig: Rig, age_s: float = 61.0) -> float:
+    """Record the current counters as a snapshot `age_s` old, as an earlier `serve status` would have.
+
+    Returns the number of answers the snapshot holds."""
     time.sleep(2.5)  # let the handlers flush their counters (every second) before taking the snapshot
     counts = request_counts(rig.client())
     with open(os.path.join(rig.handle.run_dir, HISTORY_FILE), "w", encoding="utf-8") as f:
         json.dump([{"t": time.time() - age_s, "counts": counts}], f)
+    return sum(counts.values())
+
+
+def wait_for_flush(rig: Rig, answers: float, timeout_s: float = 30.0) -> None:
+    """Until the handlers' counters (flushed every second) hold at least `answers` answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and sum(request_counts(rig.client()).values()) < answers:
+        time.sleep(0.2)
 
 
 def _check_status_models(result: Result, status: dict) -> None:
@@ -293,8 +303,9 @@ def scenario_status(rig: Rig, settings: Settings) -> dict:
     result.check("exit 0 and healthy", code == 0 and first.get("healthy") is True, f"exit {code}")
     result.check("ping Healthy", first.get("ping") == "Healthy", first.get("ping"))
     _check_status_models(result, first)
-    seed_history(rig)
+    seeded = seed_history(rig)
     outcomes = send_known_traffic(rig)
+    wait_for_flush(rig, seeded + len(outcomes))
     code, out = status_cli(rig.handle.run_dir)
     traffic = json.loads(out).get("traffic") or {}
     window = re.match(r"last (\d+)s$", traffic.get("window", ""))
@@ -445,9 +456,9 @@ def probe_encoded_dots(rig: Rig, issue: inputs.KnownIssue) -> dict:
 
 def probe_status_rate(rig: Rig, issue: inputs.KnownIssue) -> dict:
     """K10: the status error rate after 7 good and 3 malformed predictions in its window."""
-    seed_history(rig)
+    seeded = seed_history(rig)
     outcomes = send_known_traffic(rig)
-    time.sleep(2.5)  # the handlers flush their counters every second
+    wait_for_flush(rig, seeded + len(outcomes))
     _, out = status_cli(rig.handle.run_dir)
     traffic = json.loads(out).get("traffic") or {}
     want = len(BAD_TRAFFIC) / len(outcomes)

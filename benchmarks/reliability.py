@@ -209,6 +209,9 @@ def expected_deltas(version: str) -> list[tuple[str, str, dict, int]]:
              ("handler latency histogram count", "tspack_handler_latency_seconds_count", labels, GOOD_COUNT + bad),
              ("handler latency histogram +Inf bucket", "tspack_handler_latency_seconds_bucket",
               {**labels, "le": "+Inf"}, GOOD_COUNT + bad),
+             # sent one at a time: every batch holds one request
+             ("batch size histogram count", "tspack_batch_size_count", labels, GOOD_COUNT + bad),
+             ("batch size histogram sum", "tspack_batch_size_sum", labels, GOOD_COUNT + bad),
              ("frontend ts_inference_requests_total", "ts_inference_requests_total", {"model_name": MODEL},
               GOOD_COUNT + bad),
              ("frontend Requests4XX (host)", "Requests4XX", {}, bad)]

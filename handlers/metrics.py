@@ -20,6 +20,7 @@ ERRORS = "tspack_errors_total"
 ROWS = "tspack_rows_total"
 BATCHES = "tspack_batches_total"
 LATENCY = "tspack_handler_latency_seconds"
+BATCH_SIZE = "tspack_batch_size"  # requests per TorchServe batch, as the handler received them
 SHADOW = "tspack_shadow_total"
 
 # name -> (TorchServe metric type, unit, dimension names without Hostname)
@@ -29,6 +30,7 @@ DECLARED = {
     ROWS: ("counter", "Count", ["ModelName", "ModelVersion", "Variant"]),
     BATCHES: ("counter", "Count", ["ModelName", "ModelVersion", "Variant"]),
     LATENCY: ("histogram", "Seconds", ["ModelName", "ModelVersion"]),
+    BATCH_SIZE: ("histogram", "Count", ["ModelName", "ModelVersion"]),
     SHADOW: ("counter", "Count", ["ModelName", "Primary", "Shadow", "Outcome"]),
 }
 
@@ -40,7 +42,8 @@ class HandlerMetrics:
 
     Each emission is a line on the worker's stdout that the frontend parses: per batch that cost a quarter of
     a worker's busy time at concurrency 1 (py-spy, measured here). So counters are summed in memory and
-    flushed every FLUSH_S seconds by a daemon thread; the latency histogram is observed per batch.
+    flushed every FLUSH_S seconds by a daemon thread; the latency and batch-size histograms are observed per
+    batch.
     """
 
     FLUSH_S = 1.0
@@ -56,8 +59,9 @@ class HandlerMetrics:
 
     def record(self, answers: Iterable[Any], stats: Any, latency_ms: float,
                version: str | None = None, variant: str = NO_VARIANT) -> None:
-        """Count requests by status and errors by type, rows and runs, and observe handler latency."""
+        """Count requests by status and errors by type, rows and runs; observe handler latency and batch size."""
         version = version or self.version
+        answers = list(answers)
         by_status: dict[str, int] = {}
         for answer in answers:
             by_status[str(answer.status)] = by_status.get(str(answer.status), 0) + 1
@@ -69,6 +73,7 @@ class HandlerMetrics:
             self.count(ROWS, stats.rows, (self.model, version, variant))
             self.count(BATCHES, stats.runs, (self.model, version, variant))
         self.emit(LATENCY, latency_ms / 1000.0, [self.model, version])
+        self.emit(BATCH_SIZE, float(len(answers)), [self.model, version])
 
     def shadow(self, primary: str, shadow: str, outcome: str) -> None:
         self.count(SHADOW, 1, (self.model, primary, shadow, outcome))

@@ -31,7 +31,7 @@ from handlers.device import Placement
 from handlers.errors import SpecError
 from handlers.integrity import sha256_of
 from handlers.runtimes import load_runtime
-from handlers.spec import ArtifactManifest, RuntimeSpec
+from handlers.spec import INDEX_TO_NAME_FILE, ArtifactManifest, RuntimeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mod
                 entry.validated = False
             require_passed(f"{name}@{model.version}", figures)
             if model.output.labels:
-                with open(os.path.join(stage, "index_to_name.json"), "w", encoding="utf-8") as f:
+                with open(os.path.join(stage, INDEX_TO_NAME_FILE), "w", encoding="utf-8") as f:
                     json.dump({str(i): label for i, label in enumerate(model.output.labels)}, f)
             validation = {"validated": False, "passed": None, "notes": entry.notes}
             if entry.validated:

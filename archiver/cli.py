@@ -84,7 +84,9 @@ def _read_labels(value: str) -> list[str]:
         with open(value, encoding="utf-8") as f:
             data = json.load(f)
         if isinstance(data, dict):  # index_to_name.json
-            return [data[k] for k in sorted(data, key=int)]
+            from handlers.spec import read_index_to_name
+
+            return list(read_index_to_name(value))
         return [str(v) for v in data]
     return [v.strip() for v in value.split(",")]
 

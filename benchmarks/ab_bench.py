@@ -31,7 +31,7 @@ from archiver.build import build  # noqa: E402
 from archiver.cli import entry_from_archive  # noqa: E402
 from archiver.server import free_ports, start, stop  # noqa: E402
 from archiver.serving import ServerConfig, write_config  # noqa: E402
-from archiver.spec import DeploySpec  # noqa: E402
+from archiver.spec import DeploySpec, WorkflowSpec  # noqa: E402
 from benchmarks.sections import machine, write_section  # noqa: E402
 from handlers.spec import parse  # noqa: E402
 
@@ -40,8 +40,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 ZOO = os.path.join(ROOT, "archiver", "zoo")
 MARKERS = ("<!-- bench:ab:start -->", "<!-- bench:ab:end -->")
 STALL_S = 1.0
-# The generated workflow's node timeout (archiver.spec.WorkflowSpec.timeout_ms): a lost answer costs this much.
-NODE_TIMEOUT_S = 0.5
+# The generated workflow's node timeout: a lost answer costs this much.
+NODE_TIMEOUT_S = WorkflowSpec().timeout_ms / 1000.0
 EXECUTOR_TIMEOUT = "Timed out while executing"
 
 
@@ -149,8 +149,8 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']}. Date: {result['date']}. Command: `make bench-ab` "
              f"({result['seconds']:.0f} s per path, {result['clients']} clients, a new X-Request-Key on every "
              "request, digits CNN, 50/50).", "",
-             "| path | clients | requests | req/s | errors | over 1 s | over 0.5 s | executor timeouts | p50 ms | "
-             "p95 ms | p99 ms | max ms | p99 / direct | split a / b |",
+             f"| path | clients | requests | req/s | errors | over 1 s | over {NODE_TIMEOUT_S:g} s | executor timeouts "
+             "| p50 ms | p95 ms | p99 ms | max ms | p99 / direct | split a / b |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         split = " / ".join(f"{100 * row['split'].get(v, 0):.1f}%" for v in ("a", "b")) if name != "direct" else "-"
@@ -177,14 +177,18 @@ def markdown(result: dict) -> str:
               "", "The `.war` runs TorchServe's DAG executor (route -> a, b -> merge): four worker hops per request "
               f"instead of one, and its lost-answer race is still there. Under load: {war['executor_timeouts']} "
               f"executor timeouts (lost answers) in {war['requests']:,} requests, {war['over_node_timeout']} "
-              f"requests over 0.5 s, {war['stalls_over_1s']} over 1 s, the slowest {war['max_ms'] / 1000:.2f} s."]
+              f"requests over {NODE_TIMEOUT_S:g} s, {war['stalls_over_1s']} over 1 s, "
+              f"the slowest {war['max_ms'] / 1000:.2f} s."]
     if lone:
         lines += ["", f"With one client, sequentially (the issue's measurement): {lone['executor_timeouts']} executor "
-                  f"timeouts in {lone['requests']:,} requests, {lone['over_node_timeout']} over 0.5 s, the slowest "
+                  f"timeouts in {lone['requests']:,} requests, {lone['over_node_timeout']} over {NODE_TIMEOUT_S:g} s, "
+                  "the slowest "
                   f"{lone['max_ms'] / 1000:.2f} s (router, one client: p99 {rows['router, lone client']['p99_ms']:.1f} "
                   f"ms; .war: {lone['p99_ms']:.1f} ms)."]
-    lines += ["", "The generated spec only bounds the damage: a 500 ms node timeout with 3 retries instead of "
-              "TorchServe's 10 s (a lost answer costs 0.5 s, not 10 s), and batching with a 5 ms delay on every "
+    workflow = WorkflowSpec()
+    lines += ["", f"The generated spec only bounds the damage: a {workflow.timeout_ms} ms node timeout with "
+              f"{workflow.retry_attempts} retries instead of TorchServe's 10 s (a lost answer costs "
+              f"{NODE_TIMEOUT_S:g} s, not 10 s), and batching with a 5 ms delay on every "
               "node, so that a node's answer is rarely ready before the executor attaches its promise.", MARKERS[1]]
     return "\n".join(lines)
 

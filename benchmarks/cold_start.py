@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE = os.path.join(ROOT, "model_store")
@@ -37,15 +35,11 @@ def ensure_demo_archives() -> None:
 
 
 def _first_200(url: str, body: bytes, key: str, t0: float, timeout_s: float) -> float:
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    from benchmarks.systems import http_status
+
     while time.monotonic() - t0 < timeout_s:
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                if response.status == 200:
-                    return round(time.monotonic() - t0, 3)
-        except (urllib.error.URLError, OSError):
-            pass
+        if http_status(url, body, "application/json", f"Bearer {key}") == 200:
+            return round(time.monotonic() - t0, 3)
         time.sleep(0.05)
     raise RuntimeError(f"no 200 prediction within {timeout_s:.0f}s of `tspack serve start`")
 

@@ -55,7 +55,7 @@ def _rps(row: dict | None) -> float | None:
     return row["requests_per_s"] if row else None
 
 
-def ratios(rows: list[dict], cold_start_s: float | None) -> dict:
+def ratios(rows: list[dict], cold_start_s: float | None, cold_start_light_s: float | None = None) -> dict:
     """The headline numbers: requests/s ratios at concurrency 32, same runtime, each system at its best."""
     tspack_light = best_row(rows, "tspack", "light")
     heavy_runtimes = [r for r in rows if r["system"] == "tspack" and r["model"] == "heavy" and r["body"] == "npy"
@@ -64,6 +64,10 @@ def ratios(rows: list[dict], cold_start_s: float | None) -> dict:
     fastapi = best_row(rows, "fastapi", "light")
     c1_rows = [r for r in rows if r["system"] == "tspack" and r["model"] == "light" and r["concurrency"] == 1
                and r["p50_ms"] is not None]
+
+    def unbatched_c1(runtime: str) -> float | None:
+        return min((r["p50_ms"] for r in c1_rows if r["batch_size"] == 1 and r["runtime"] == runtime), default=None)
+
     c1 = [r for r in rows if tspack_light and r["system"] == "tspack" and r["model"] == "light"
           and r["runtime"] == "torchscript" and r["config"] == tspack_light["config"] and r["concurrency"] == 1]
     return {
@@ -84,11 +88,10 @@ def ratios(rows: list[dict], cold_start_s: float | None) -> dict:
         # the lowest c=1 p50 of any batching tspack configuration (the best one at c=32 may not be the best at c=1)
         "c1_p50_ms_light_min": min((r["p50_ms"] for r in c1_rows if r["batch_size"] > 1), default=None),
         # the same path without batching (batch 1, no wait): TorchServe's own floor at c=1
-        "c1_p50_ms_light_unbatched": min((r["p50_ms"] for r in c1_rows if r["batch_size"] == 1
-                                          and r["runtime"] == "torchscript"), default=None),
-        "c1_p50_ms_light_unbatched_onnx": min((r["p50_ms"] for r in c1_rows if r["batch_size"] == 1
-                                               and r["runtime"] == "onnx"), default=None),
+        "c1_p50_ms_light_unbatched": unbatched_c1("torchscript"),
+        "c1_p50_ms_light_unbatched_onnx": unbatched_c1("onnx"),
         "cold_start_s": cold_start_s,
+        "cold_start_light_s": cold_start_light_s,
     }
 
 
@@ -112,7 +115,7 @@ def document(results: dict, settings) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": settings.command, "quick": settings.quick, "machine": machine(),
         "elapsed_s": results["elapsed_s"], "background_cpu_share_at_start": results["background_at_start"],
-        "ratios": {**ratios(rows, results["cold_start_s"]), "cold_start_light_s": results.get("cold_start_light_s")},
+        "ratios": ratios(rows, results["cold_start_s"], results.get("cold_start_light_s")),
         "cold_start_of": results.get("cold_start_of"),
         "rows": [{k: r.get(k) for k in ROW_FIELDS} for r in rows], "failures": results["failures"],
         "notes": NOTES,

@@ -126,16 +126,18 @@ def show_ab_metrics() -> None:
 
     import requests
 
+    from archiver.status import parse_prometheus
+
     time.sleep(2.5)  # the shadow compares off the answer path; counters are flushed every second
     print("$ curl -s http://127.0.0.1:8082/metrics | grep 'ModelName=\"digits-ab\"'")
-    shadow: dict[str, dict[str, float]] = {}
-    for line in requests.get("http://127.0.0.1:8082/metrics", timeout=10).text.splitlines():
+    text = requests.get("http://127.0.0.1:8082/metrics", timeout=10).text
+    for line in text.splitlines():
         if 'ModelName="digits-ab"' in line and line.startswith(("tspack_requests_total", "tspack_shadow_total")):
             print("  " + line)
-        if line.startswith("tspack_shadow_total") and 'ModelName="digits-ab"' in line:
-            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(",") if part)
-            counts = shadow.setdefault(labels["Primary"].strip('"'), {})
-            counts[labels["Outcome"].strip('"')] = float(line.rsplit(" ", 1)[1])
+    shadow: dict[str, dict[str, float]] = {}
+    for name, labels, value in parse_prometheus(text):
+        if name == "tspack_shadow_total" and labels.get("ModelName") == "digits-ab":
+            shadow.setdefault(labels["Primary"], {})[labels["Outcome"]] = value
     for primary, counts in sorted(shadow.items()):
         total = sum(counts.values())
         if total:

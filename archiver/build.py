@@ -1,20 +1,19 @@
 """`tspack build`: export each artifact a spec asks for, validate it against eager, package it, report.
 
-Per artifact, in order: export into a staging folder -> load it with the serving runtime -> compare
-with the eager model on the spec's samples -> package the `.mar` only when it passed. A failed artifact
-leaves nothing in the model store and is reported with its reason.
+Orchestration only. Per artifact, in order: prepare the network (prune, fp16) -> export it with its format's
+exporter (archiver/optimize/formats.py) into a staging folder -> load it with the serving runtime -> compare
+with the eager model on the spec's samples, per named output, at two lengths of every free axis -> package the
+`.mar` only when it passed. A failed artifact leaves nothing in the model store and is reported with its reason.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -22,18 +21,25 @@ import numpy as np
 import torch
 
 from archiver import export
-from archiver.errors import BuildError, TspackCliError
+from archiver.drift import PROFILE_KEY, profile_from_outputs  # issue 21 (drift)
+from archiver.errors import TspackCliError
+from archiver.optimize.criteria import FP16_TOLERANCE, criteria_for
+from archiver.optimize.formats import FORMATS, ExportJob, prepare_network
+from archiver.optimize.named_io import NamedIO
+from archiver.optimize.samples import Samples, calibration, load_samples
 from archiver.package import build_artifact_mar
 from archiver.report import ArtifactReport, write_report
 from archiver.spec import ArtifactSpec, DeploySpec, ModelSpec, check_files
-from archiver.validate import Criteria, Figures, compare, measure_latency, require_passed
+from archiver.validate import Figures, compare, measure_latency, require_passed, run_batched
 from handlers.device import Placement
 from handlers.errors import SpecError
-from handlers.integrity import sha256_of
 from handlers.runtimes import load_runtime
-from handlers.spec import INDEX_TO_NAME_FILE, ArtifactManifest, RuntimeSpec
+from handlers.spec import INDEX_TO_NAME_FILE, ArtifactManifest
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["build", "build_artifact", "BuildResult", "FP16_TOLERANCE", "criteria_for"]
+_criteria = criteria_for  # the name older callers use
 
 
 @dataclass
@@ -47,51 +53,53 @@ class BuildResult:
 
 
 @dataclass
-class Exported:
-    """An artifact written into the staging folder, with what was done to produce it."""
+class Source:
+    """A model ready to build: the eager reference behind its named inputs and outputs, and its samples.
 
-    runtime: Optional[RuntimeSpec]
-    optimizations: list[str] = field(default_factory=list)
-    criteria: Optional[Criteria] = None
-    parameters: Optional[int] = None
-    sparsity: Optional[float] = None
-    validate_on_this_host: bool = True
-    notes: list[str] = field(default_factory=list)
+    `spec` is the model's spec with everything a Hugging Face folder declares filled in (inputs, labels, text);
+    `files` are shipped in every archive of the model (name in the archive -> path), e.g. tokenizer.json.
+    """
 
-
-def load_samples(model: ModelSpec) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Validation inputs (N x input shape) and labels when the samples file has them."""
-    shape = model.input.shape
-    dtype = np.dtype(model.input.dtype)
-    if model.samples.file:
-        try:
-            data = np.load(model.samples.file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise SpecError(f"models.{model.name}.samples.file: cannot read {model.samples.file}: {exc}") from exc
-        if model.samples.inputs_key not in data:
-            raise SpecError(f"models.{model.name}.samples.inputs_key: '{model.samples.inputs_key}' not in "
-                            f"{os.path.basename(model.samples.file)} (has {', '.join(data.files)})")
-        inputs = data[model.samples.inputs_key]
-        fits = inputs.ndim == len(shape) + 1 and all(e == -1 or s == e for s, e in zip(inputs.shape[1:], shape))
-        if not fits:
-            raise SpecError(f"models.{model.name}.samples.file: inputs have shape {tuple(inputs.shape)}, "
-                            f"expected (N, {', '.join(map(str, shape))})")
-        labels = data[model.samples.labels_key] if model.samples.labels_key in data else None
-        return inputs.astype(dtype, copy=False), labels
-    rng = np.random.default_rng(model.samples.seed)
-    concrete = tuple(8 if d == -1 else d for d in shape)
-    if dtype.kind == "f":
-        return rng.standard_normal((model.samples.count, *concrete)).astype(dtype), None
-    return rng.integers(0, 100, size=(model.samples.count, *concrete)).astype(dtype), None
+    spec: ModelSpec
+    eager: torch.nn.Module
+    named: NamedIO
+    samples: Samples
+    program_cache: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
 
-def eager_runner(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    def run(batch: np.ndarray) -> np.ndarray:
+def resolve(model: ModelSpec) -> tuple[ModelSpec, Samples, Optional[object]]:
+    """The model's spec and samples, with a Hugging Face folder's inputs, labels, text spec and tokenized sample
+    texts (two lengths, two batch sizes, padded) filled in; the loaded folder too, when there is one."""
+    if not model.source.pretrained:
+        return model, load_samples(model), None
+    from archiver.pretrained import DEFAULT_TEXTS, load_pretrained
+
+    pretrained = load_pretrained(model.source.pretrained, model.source.task)
+    text = pretrained.text
+    if model.text is not None:  # the spec's settings, within the model's position table
+        text = replace(text, max_length=min(model.text.max_length, text.max_length), max_texts=model.text.max_texts,
+                       padding=model.text.padding)
+    output = model.output if model.output.labels else replace(
+        pretrained.output_spec(model.output.top_k), softmax=model.output.softmax)
+    resolved = replace(model, inputs=model.inputs or pretrained.input_specs(), output=output, text=text,
+                       frontend="text" if model.frontend == "tensor" else model.frontend)
+    batches = pretrained.sample_batches(model.samples.texts or DEFAULT_TEXTS, batch_sizes=(1, 4))
+    widest = {}
+    for batch in batches:  # per length, the batch with the most rows
+        if batch.length not in widest or len(batch.texts) > len(widest[batch.length].texts):
+            widest[batch.length] = batch
+    sets = [b.inputs for _, b in sorted(widest.items())]
+    return resolved, Samples(sets[0], None, sets[1:]), pretrained
+
+
+def eager_runner(named: NamedIO):
+    """The reference: the eager model on named arrays, answering named outputs."""
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            out = model(torch.from_numpy(np.ascontiguousarray(batch)))
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            return out.float().numpy()
+            out = named(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in named.input_names))
+        return {name: t.float().numpy() if t.is_floating_point() else t.numpy()
+                for name, t in zip(named.output_names, out)}
 
     return run
 
@@ -100,184 +108,93 @@ def count_parameters(model: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def _calibration(model: ModelSpec, artifact: ArtifactSpec, inputs: np.ndarray) -> np.ndarray:
-    """Calibration samples for static int8: the quantize spec's file, else the model's samples."""
-    spec = artifact.quantize
-    key = f"models.{model.name}.artifacts.{artifact.id}.quantize.calibration_file"
-    data = inputs
-    if spec.calibration_file:
-        try:
-            data = np.load(spec.calibration_file, allow_pickle=False)[spec.calibration_key]
-        except (OSError, ValueError, KeyError) as exc:
-            raise SpecError(f"{key}: cannot read '{spec.calibration_key}' from {spec.calibration_file}: {exc}") from exc
-    shape = model.input.shape
-    if data.ndim != len(shape) + 1 or any(e != -1 and s != e for s, e in zip(data.shape[1:], shape)):
-        expected = ", ".join(map(str, shape))
-        raise SpecError(f"{key}: calibration data has shape {tuple(data.shape)}, expected (N, {expected})")
-    return np.ascontiguousarray(data[: spec.calibration_samples].astype(np.dtype(model.input.dtype), copy=False))
-
-
-# fp16 keeps ~3 significant digits: the digits CNN's logits move by up to 9e-3 in half precision, so an fp16
-# artifact is held to this tolerance (unless its spec sets one) and to top-1 agreement with fp32.
-FP16_TOLERANCE = 5e-2
-FP16_MIN_TOP1_AGREEMENT = 0.99
-
-
-def _criteria(model: ModelSpec, artifact: ArtifactSpec) -> Criteria:
-    """Numeric tolerance for faithful exports; task metrics once pruning or int8 change the numbers."""
-    if artifact.precision == "fp16" and not (artifact.quantize or artifact.prune):
-        return Criteria(tolerance=artifact.tolerance or max(model.tolerance, FP16_TOLERANCE),
-                        min_top1_agreement=FP16_MIN_TOP1_AGREEMENT)
-    if not (artifact.quantize or artifact.prune):
-        return Criteria(tolerance=artifact.tolerance or model.tolerance)
-    drops = [s.max_accuracy_drop for s in (artifact.quantize, artifact.prune) if s]
-    agreement = artifact.quantize.min_top1_agreement if artifact.quantize else 0.9
-    return Criteria(tolerance=artifact.tolerance, min_top1_agreement=agreement, max_accuracy_drop_points=min(drops))
-
-
-def _quantize_torch(model: ModelSpec, artifact: ArtifactSpec, network: torch.nn.Module,
-                    inputs: np.ndarray) -> torch.nn.Module:
-    from archiver import quantize
-
-    mode = artifact.quantize.mode
-    if mode == "dynamic":
-        return quantize.quantize_dynamic_torch(network)
-    if mode == "static":
-        return quantize.quantize_static_torch(network, _calibration(model, artifact, inputs))
-    finetune = export.import_object(artifact.quantize.finetune, f"artifacts.{artifact.id}.quantize.finetune")
-    return quantize.quantization_aware_training(network, inputs, finetune, artifact.quantize.finetune_epochs)
-
-
-def _export_onnx(model: ModelSpec, artifact: ArtifactSpec, network: torch.nn.Module, example: torch.Tensor,
-                 inputs: np.ndarray, stage: str) -> str:
-    """Export, check, optionally optimize the graph offline, optionally quantize; returns the file name."""
-    import onnx
-
-    if artifact.custom_ops:
-        registrar = export.import_object(artifact.custom_ops + ":", f"artifacts.{artifact.id}.custom_ops")
-        if hasattr(registrar, "register"):
-            registrar.register(artifact.opset)
-    path = os.path.join(stage, "model.onnx")
-    free_axes = {i + 1: f"dim{i + 1}" for i, d in enumerate(model.input.shape) if d == -1}
-    axes = {model.input.name: {0: "batch", **free_axes}, "output": {0: "batch"}}
-    export.to_onnx(network, example, path, artifact.opset, input_name=model.input.name, dynamic_axes=axes)
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except Exception as exc:
-        raise BuildError(f"format 'onnx': onnx.checker rejected the model: {exc}") from exc
-    if artifact.optimize_graph:
-        export.optimize_onnx_graph(path, path)
-    if not artifact.quantize:
-        return "model.onnx"
-    from archiver import quantize
-
-    target = os.path.join(stage, "model.int8.onnx")
-    if artifact.quantize.mode == "dynamic":
-        quantize.quantize_dynamic_onnx(path, target)
+def load_source(model: ModelSpec, samples: Optional[Samples] = None, pretrained: Optional[object] = None) -> Source:
+    """The eager model, wrapped so that every exporter sees the spec's named inputs and named outputs."""
+    samples = samples or load_samples(model)
+    files = {}
+    if pretrained is not None:
+        eager = pretrained.module
+        files[model.text.tokenizer] = pretrained.tokenizer_file
     else:
-        quantize.quantize_static_onnx(path, target, _calibration(model, artifact, inputs), model.input.name,
-                                      artifact.quantize.per_channel)
-    os.remove(path)
-    return "model.int8.onnx"
+        eager = export.load_eager(model.source)
+    named = NamedIO(eager, [i.name for i in model.inputs], list(model.outputs) or None).eval()
+    named.discover({name: torch.from_numpy(a) for name, a in samples.head(2).items()})
+    return Source(model, eager, named, samples, files=files)
 
 
-def export_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Module, inputs: np.ndarray,
-                    labels: Optional[np.ndarray], stage: str) -> Exported:
-    """Optimize a copy of the eager model as the artifact asks, write it into `stage`, say what was done."""
-    example = torch.from_numpy(np.ascontiguousarray(inputs[: min(2, len(inputs))]))
-    exported = Exported(runtime=None, optimizations=list(artifact.optimizations),
-                        criteria=_criteria(model, artifact), parameters=count_parameters(eager))
-    network = eager
-    if artifact.prune:
-        from archiver.prune import prune_model, sparsity
-
-        spec = artifact.prune
-        finetune = None
-        if spec.finetune:
-            finetune = export.import_object(spec.finetune, f"artifacts.{artifact.id}.prune.finetune")
-        network = prune_model(eager, spec.method, spec.amount, spec.iterations, finetune)
-        exported.sparsity = sparsity(network)
-    if artifact.precision == "fp16":
-        network = copy.deepcopy(network).half()
-        example = example.half() if example.is_floating_point() else example
-        exported.validate_on_this_host = torch.cuda.is_available()
-        if not exported.validate_on_this_host:
-            exported.notes.append("fp16 targets GPUs and no GPU is here: built, NOT validated")
-    quantization = {"dynamic": "dynamic-int8", "static": "static-int8", "qat": "qat-int8"}.get(
-        artifact.quantize.mode) if artifact.quantize else None
-    if artifact.format == "state_dict":
-        exported.runtime = _stage_state_dict(model, network, stage)
-    elif artifact.format == "torchscript":
-        if artifact.quantize:
-            from archiver.quantize import DEPRECATION_NOTE
-
-            network = _quantize_torch(model, artifact, network, inputs)
-            exported.notes.append(DEPRECATION_NOTE)
-        path = os.path.join(stage, "model.pt")
-        export.to_torchscript(network, example, artifact.method).save(path)
-        exported.runtime = RuntimeSpec(format="torchscript", file="model.pt", sha256=sha256_of(path),
-                                       quantization=quantization, precision=artifact.precision)
-    else:
-        name = _export_onnx(model, artifact, network, example, inputs, stage)
-        exported.runtime = RuntimeSpec(format="onnx", file=name, sha256=sha256_of(os.path.join(stage, name)),
-                                       quantization=quantization, precision=artifact.precision,
-                                       graph_optimization=artifact.graph_optimization)
-    exported.optimizations.insert(0, artifact.format if artifact.format != "torchscript"
-                                  else f"torchscript-{artifact.method}")
-    return exported
+def _manifest(source: Source, artifact: ArtifactSpec, runtime_spec, built_at: str, optimizations: list[str]):
+    model = source.spec
+    name = model.archive_name(artifact)
+    return ArtifactManifest(
+        name=name, version=model.version, frontend=artifact.frontend or model.frontend, runtime=runtime_spec,
+        inputs=model.inputs, outputs=tuple(source.named.output_names), output=model.output, image=model.image,
+        text=model.text, max_body_bytes=model.max_body_bytes, built_at=built_at, optimizations=tuple(optimizations))
 
 
-def _stage_state_dict(model: ModelSpec, network: torch.nn.Module, stage: str) -> RuntimeSpec:
-    """The eager class ships in the archive and loads the weights with weights_only=True."""
-    if not model.source.model_class:
-        raise SpecError(f"models.{model.name}: format 'state_dict' needs source.model_class")
-    class_file = os.path.basename(model.source.model_file)
-    shutil.copy2(model.source.model_file, os.path.join(stage, class_file))
-    path = os.path.join(stage, "model.pt")
-    torch.save(network.state_dict(), path)
-    return RuntimeSpec(format="state_dict", file="model.pt", sha256=sha256_of(path),
-                       model_class=f"{class_file}:{model.source.class_name}", model_kwargs=model.source.kwargs)
+def _validate(source: Source, artifact: ArtifactSpec, manifest: ArtifactManifest, stage: str,
+              entry: ArtifactReport) -> tuple[Figures, Optional[dict]]:
+    """Load the staged artifact with the serving runtime and compare it with eager; also profile its predictions
+    (a classifier's; else None)."""
+    fp16 = artifact.precision == "fp16"
+    here = Placement(device="cuda:0" if fp16 else "cpu", gpu_id=0 if fp16 else None, threads=torch.get_num_threads())
+    runtime = load_runtime(manifest, stage, here)
+    entry.runtime = runtime.describe().get("runtime", artifact.format)
+    samples = source.samples
+    figures = compare(eager_runner(source.named), runtime.run, samples.inputs, criteria_for(source.spec, artifact),
+                      samples.labels, primary=manifest.primary_output, extra_sets=tuple(samples.other_lengths))
+    figures.checked_lengths = samples.lengths()
+    figures.latency_ms_b1 = measure_latency(runtime.run, samples.inputs, 1)
+    figures.latency_ms_b32 = measure_latency(runtime.run, samples.inputs, 32)
+    # issue 21 (drift): what this artifact predicts on the samples, for `tspack drift` to compare with.
+    profile = profile_from_outputs(manifest.output, run_batched(runtime.run, samples.inputs, 32),
+                                   manifest.primary_output)
+    return figures, profile
 
 
-def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Module, inputs: np.ndarray,
-                   labels: Optional[np.ndarray], model_store: str, gpus: int = 0) -> ArtifactReport:
+def build_artifact(source: Source, artifact: ArtifactSpec, model_store: str, gpus: int = 0) -> ArtifactReport:
+    model = source.spec
     name = model.archive_name(artifact)
     built_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     entry = ArtifactReport(name=name, version=model.version, format=artifact.format, model=model.name,
                            artifact_id=artifact.id, built_at=built_at)
     with tempfile.TemporaryDirectory(prefix="tspack-stage-") as stage:
         try:
-            exported = export_artifact(model, artifact, eager, inputs, labels, stage)
-            entry.optimizations = exported.optimizations
-            entry.parameters, entry.sparsity = exported.parameters, exported.sparsity
-            entry.notes = list(exported.notes)
-            entry.tolerance = exported.criteria.tolerance if exported.criteria else None
-            entry.size_bytes = os.path.getsize(os.path.join(stage, exported.runtime.file))
-            manifest = ArtifactManifest(
-                name=name, version=model.version, frontend=artifact.frontend or model.frontend,
-                runtime=exported.runtime, input=model.input, output=model.output, image=model.image,
-                max_body_bytes=model.max_body_bytes, built_at=built_at, optimizations=tuple(exported.optimizations))
-            figures = Figures()
+            notes: list[str] = []
+            network, entry.sparsity, validate_here = prepare_network(model, artifact, source.eager, notes)
+            named = source.named if network is source.eager else _rewrapped(source.named, network)
+            job = ExportJob(model, artifact, network, named, source.samples, stage, notes, source.program_cache)
+            started = _dt.datetime.now()
+            runtime_spec = FORMATS[artifact.format].export(job)
+            entry.build_s = round((_dt.datetime.now() - started).total_seconds(), 2)
+            optimizations = [artifact.format if artifact.format != "torchscript" else f"torchscript-{artifact.method}",
+                             *artifact.optimizations]
+            entry.optimizations = optimizations
+            entry.parameters = count_parameters(source.eager)
+            entry.notes = list(job.notes)
+            criteria = criteria_for(model, artifact)
+            entry.tolerance = criteria.tolerance
+            entry.size_bytes = os.path.getsize(os.path.join(stage, runtime_spec.file))
+            manifest = _manifest(source, artifact, runtime_spec, built_at, optimizations)
             precision = "" if artifact.precision == "fp32" else f"-{artifact.precision}"
             entry.runtime = artifact.format + precision
-            if exported.validate_on_this_host:
-                here = Placement(device="cuda:0" if artifact.precision == "fp16" else "cpu",
-                                 gpu_id=0 if artifact.precision == "fp16" else None, threads=torch.get_num_threads())
-                runtime = load_runtime(manifest, stage, here)
-                entry.runtime = runtime.describe().get("runtime", artifact.format)
-                figures = compare(eager_runner(eager), runtime.run, inputs, exported.criteria, labels)
-                figures.latency_ms_b1 = measure_latency(runtime.run, inputs, 1)
-                figures.latency_ms_b32 = measure_latency(runtime.run, inputs, 32)
+            figures, profile = Figures(), None
+            if validate_here:
+                figures, profile = _validate(source, artifact, manifest, stage, entry)
                 _copy_figures(entry, figures)
             else:
                 entry.validated = False
             require_passed(f"{name}@{model.version}", figures)
+            for name, path in source.files.items():
+                shutil.copyfile(path, os.path.join(stage, name))
             if model.output.labels:
                 with open(os.path.join(stage, INDEX_TO_NAME_FILE), "w", encoding="utf-8") as f:
                     json.dump({str(i): label for i, label in enumerate(model.output.labels)}, f)
             validation = {"validated": False, "passed": None, "notes": entry.notes}
             if entry.validated:
-                validation = {**figures.as_dict(), "validated": True, "tolerance": entry.tolerance}
+                validation = {**figures.as_dict(), "validated": True, "tolerance": entry.tolerance,
+                              "notes": entry.notes}
+                if profile is not None:  # issue 21 (drift)
+                    validation[PROFILE_KEY] = profile
             manifest = replace(manifest, validation=validation)
             entry.archive = build_artifact_mar(stage, manifest, model.serving, model_store, gpus)
             entry.passed = True
@@ -291,6 +208,13 @@ def build_artifact(model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Mod
             entry.error = f"{name}@{model.version}: {type(exc).__name__}: {exc}".strip()
             entry.passed = False
     return entry
+
+
+def _rewrapped(named: NamedIO, network: torch.nn.Module) -> NamedIO:
+    """The same named inputs and outputs around a pruned or cast copy of the model."""
+    wrapped = NamedIO(network, named.input_names, named.output_names).eval()
+    wrapped.output_names = named.output_names
+    return wrapped
 
 
 def _copy_figures(entry: ArtifactReport, figures: Figures) -> None:
@@ -311,25 +235,25 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
     gpus = spec.gpus if spec.gpus is not None else detect_gpus()
     models = [m for m in spec.models if not only or m.name in only]
     tests = [ab for ab in spec.ab if not only or ab.name in only]
-    samples = {}
+    resolved = []
     for ab in tests:
         device_config(ab.serving, gpus, f"ab.{ab.name}.serving")
     for model in models:  # every spec error surfaces here, before anything is built
         check_files(model)
         device_config(model.serving, gpus, f"models.{model.name}.serving")
-        samples[id(model)] = load_samples(model)
+        model, samples, pretrained = resolve(model)
         for artifact in model.artifacts:
             if artifact.quantize and artifact.quantize.mode == "static":
-                _calibration(model, artifact, samples[id(model)][0])
+                calibration(model, artifact, samples)
+        resolved.append((model, samples, pretrained))
     result = BuildResult()
     jobs = sum(len(m.artifacts) for m in models) + sum(2 if ab.workflow.enabled else 1 for ab in tests)
     bar = tqdm(total=jobs, desc="tspack build", unit="artifact", disable=not progress)
-    for model in models:
-        inputs, labels = samples[id(model)]
-        eager = export.load_eager(model.source)
+    for model, samples, pretrained in resolved:
+        source = load_source(model, samples, pretrained)
         for artifact in model.artifacts:
             bar.set_postfix_str(f"{model.archive_name(artifact)}@{model.version}")
-            result.entries.append(build_artifact(model, artifact, eager, inputs, labels, spec.model_store, gpus))
+            result.entries.append(build_artifact(source, artifact, spec.model_store, gpus))
             bar.update(1)
     from archiver.ab import build_router, build_workflow
 

@@ -7,6 +7,7 @@ prints the result. Errors of the pack are printed on one line (no traceback) wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -15,14 +16,11 @@ from typing import Optional
 
 from archiver.errors import TspackCliError
 from archiver.k8s import add_k8s_parser
+from archiver.tables import render
 from handlers.errors import SpecError
+from handlers.registry import FRONTENDS, RUNTIMES
 
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+_table = render
 
 
 # --- build ---------------------------------------------------------------------------------------------
@@ -40,6 +38,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         spec = replace(spec, model_store=os.path.abspath(args.model_store))
     if args.gpus is not None:
         spec = replace(spec, gpus=args.gpus)
+    if args.only is not None:
+        check_only(args.only, [m.name for m in spec.models] + [ab.name for ab in spec.ab])
     result = build(spec, progress=not args.quiet, only=args.only)
     print(format_table(result.entries))
     print(f"report: {result.report_path}")
@@ -50,24 +50,40 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_only(only: list[str], names: list[str]) -> None:
+    """Refuse `--only` names the spec does not have (else the build builds nothing and succeeds)."""
+    unknown = [n for n in only if n not in names]
+    if not only or unknown:
+        what = f"{', '.join(unknown)} not in the spec" if unknown else "give at least one name"
+        raise SpecError(f"--only: {what}; the spec has: {', '.join(dict.fromkeys(names))}")
+
+
 def spec_from_flags(args: argparse.Namespace):
     """A one-model DeploySpec from command-line flags, through the same parser as the YAML spec."""
     from archiver.spec import DeploySpec, resolve_paths
     from handlers.spec import parse
 
-    if not args.name or not args.input_shape:
-        raise SpecError("build: give --spec FILE, or --name, --input-shape and a model source")
-    source = {"torchscript": args.torchscript} if args.torchscript else {
-        "model_class": args.model_class, "weights": args.weights}
+    if not args.name or not (args.input_shape or args.input or args.pretrained):
+        raise SpecError("build: give --spec FILE, or --name, the inputs (--input NAME:SHAPE:DTYPE or --input-shape) "
+                        "and a model source")
+    if args.pretrained:
+        source = {"pretrained": args.pretrained}
+    elif args.torchscript:
+        source = {"torchscript": args.torchscript}
+    else:
+        source = {"model_class": args.model_class, "weights": args.weights}
     model = {
-        "name": args.name, "version": args.version, "source": source,
-        "input": {"shape": [int(d) for d in args.input_shape.split(",")], "dtype": args.dtype},
-        "frontend": args.frontend,
+        "name": args.name, "version": args.version, "source": source, "frontend": args.frontend,
         "artifacts": [{"format": fmt, "id": "main" if i == 0 else fmt, "method": args.method}
                       for i, fmt in enumerate(args.format)],
         "serving": {"batch_size": args.batch_size, "workers": args.workers,
                     **({} if args.max_batch_delay is None else {"max_batch_delay_ms": args.max_batch_delay})},
     }
+    inputs = flag_inputs(args)
+    if inputs:
+        model["inputs"] = inputs
+    if args.outputs:
+        model["outputs"] = [o.strip() for o in args.outputs.split(",")]
     if args.tolerance is not None:
         model["tolerance"] = args.tolerance
     if args.samples:
@@ -77,6 +93,48 @@ def spec_from_flags(args: argparse.Namespace):
         model["output"] = {"kind": "classification", "labels": labels, "top_k": min(5, len(labels))}
     spec = parse(DeploySpec, {"models": [model], "model_store": args.model_store or "model_store"})
     return resolve_paths(spec, os.getcwd())
+
+
+def _shape(text: str, flag: str) -> list[int]:
+    try:
+        return [int(d) for d in text.split(",")]
+    except ValueError as exc:
+        raise SpecError(f"{flag}: '{text}' is not a shape; use comma-separated sizes, -1 for a free axis, "
+                        "e.g. 1,28,28 or -1") from exc
+
+
+def flag_inputs(args: argparse.Namespace) -> list[dict]:
+    """`--input NAME:SHAPE[:DTYPE]` (repeatable) or the one-input `--input-shape` + `--dtype`."""
+    if args.input and args.input_shape:
+        raise SpecError("build: give --input (one per input) or --input-shape (one input), not both")
+    if args.input_shape:
+        return [{"shape": _shape(args.input_shape, "--input-shape"), "dtype": args.dtype}]
+    inputs = []
+    for item in args.input or []:
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise SpecError(f"--input: '{item}' must look like NAME:SHAPE[:DTYPE], e.g. input_ids:-1:int64")
+        entry = {"name": parts[0], "shape": _shape(parts[1], "--input")}
+        entry["dtype"] = parts[2] if len(parts) == 3 else args.dtype
+        inputs.append(entry)
+    return inputs
+
+
+# Flags whose values may start with '-' (a free axis: `--input-shape -1,12`); argparse would read them as options.
+SHAPE_FLAGS = ("--input-shape", "--input")
+
+
+def join_shape_values(argv: list[str]) -> list[str]:
+    """`--input-shape -1,12` -> `--input-shape=-1,12`, so a leading free axis is taken as the value it is."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] in SHAPE_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        joined.append(argv[i])
+        i += 1
+    return joined
 
 
 def _read_labels(value: str) -> list[str]:
@@ -108,9 +166,15 @@ def cmd_config(args: argparse.Namespace) -> int:
         grpc_management_port=args.grpc_ports[1], bind_address=args.bind, models=tuple(entries),
         number_of_gpu=gpus, token_auth=not (dev or args.disable_token_auth), model_api=dev or args.enable_model_api,
         job_queue_size=args.job_queue_size, workflow_store=args.workflow_store,
+        open_inference_protocol=not args.no_oip,
     )
-    path = write_config(config, args.out)
+    from archiver.alerts import ALERTS_FILE, AlertThresholds
+
+    alerts = AlertThresholds(error_rate=args.alert_error_rate, p99_latency_s=args.alert_p99_s,
+                             max_psi=args.alert_max_psi)
+    path = write_config(config, args.out, alerts)
     print(f"wrote {path}")
+    print(f"wrote {os.path.join(os.path.dirname(os.path.abspath(path)), ALERTS_FILE)} (Prometheus alerting rules)")
     rows = [["model", "version", "archive", "workers", "batch", "delay_ms"]]
     rows += [[e.name, e.version, e.mar, str(e.workers), str(e.batch_size), str(e.max_batch_delay_ms)] for e in entries]
     if entries:
@@ -158,15 +222,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from archiver import server
 
     if args.action == "start":
-        handle = server.start(args.config, args.run_dir, timeout_s=args.timeout)
+        from archiver.restore import describe_outcome, start_restored
+
+        outcome = start_restored(args.config, args.run_dir, fresh=args.fresh, timeout_s=args.timeout)
+        handle = outcome.handle
         print(f"TorchServe is up (pid {handle.pid}): inference {handle.inference_url}, "
               f"management {handle.management_url}, metrics {handle.metrics_url}/metrics")
+        print("\n".join(describe_outcome(outcome)))
+        if args.fresh and not outcome.set_aside:
+            print("--fresh: there was no recorded deployment to set aside")
         if handle.key_file:
             print(f"token auth on: keys in {handle.key_file}")
+        if outcome.refused:
+            names = ", ".join(f"{r.model} {r.version} ({r.archive})" for r in outcome.refused)
+            print(f"tspack serve: started without {len(outcome.refused)} refused version(s): {names}",
+                  file=sys.stderr)
+            return EXIT_REFUSED
         return 0
     if args.action == "stop":
+        from archiver.deployment import record_path
+
         stopped = server.stop(args.run_dir, quiet=True)
         print("TorchServe stopped" if stopped else "no TorchServe was running from " + os.path.abspath(args.run_dir))
+        if os.path.isfile(record_path(args.run_dir)):
+            print(f"the deployment stays recorded in {record_path(args.run_dir)}: `tspack serve start` restores it "
+                  "(--fresh starts from config.properties instead)")
         return 0
     from archiver.status import format_status, server_status
 
@@ -178,22 +258,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- management ----------------------------------------------------------------------------------------
 
 
+EXIT_REFUSED = 3  # `serve start` started, but refused recorded versions whose archives went missing or changed
+
+
 def _client(args: argparse.Namespace):
     from archiver.server import ServerHandle
 
     return ServerHandle.load(os.path.abspath(args.run_dir)).client()
 
 
-def cmd_register(args: argparse.Namespace) -> int:
-    from archiver.package import archive_info
+@contextlib.contextmanager
+def recording(args: argparse.Namespace):
+    """Rewrite the deployment record after a command that changes the deployment, even when the command failed
+    half-way (a swap whose probe failed has still registered and unregistered)."""
+    from archiver.deployment import record_now
     from archiver.server import ServerHandle
     from archiver.serving import read_properties
 
     handle = ServerHandle.load(os.path.abspath(args.run_dir))
-    props = read_properties(handle.config_path)
+    try:
+        yield handle
+    except BaseException:
+        with contextlib.suppress(TspackCliError):
+            record_now(handle.client(), read_properties(handle.config_path).get("model_store", ""), handle.run_dir)
+        raise
+    record_now(handle.client(), read_properties(handle.config_path).get("model_store", ""), handle.run_dir)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from archiver.serving import read_properties
+
     archive = os.path.abspath(args.archive)
     if not os.path.isfile(archive):
         raise SpecError(f"register: archive not found: {args.archive}")
+    with recording(args) as handle:
+        return _register(args, handle, read_properties(handle.config_path), archive)
+
+
+def _register(args: argparse.Namespace, handle, props: dict, archive: str) -> int:
+    from archiver.package import archive_info
+
     workflow = archive.endswith(".war")
     store = props.get("workflow_store" if workflow else "model_store") or props.get("model_store", "")
     if os.path.dirname(archive) != os.path.abspath(store):
@@ -203,6 +307,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     if workflow:
         result = client.register_workflow(os.path.basename(archive), workflow_name=args.name)
         print(result.get("status", result) if isinstance(result, dict) else result)
+        # TorchServe 0.12 loads no workflow at start (there is no load_workflows), so none can be restored.
+        print("note: workflows are not restored by `tspack serve start`; an A/B router archive (.mar) is")
         return 0
     model_name, version, _ = archive_info(archive)
     result = client.register(os.path.basename(archive), model_name=args.name, initial_workers=args.workers)
@@ -217,46 +323,63 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_swap(args: argparse.Namespace) -> int:
     from archiver.operate import swap_version
     from archiver.package import archive_info
-    from archiver.server import ServerHandle
     from archiver.serving import read_properties
 
-    handle = ServerHandle.load(os.path.abspath(args.run_dir))
-    store = read_properties(handle.config_path).get("model_store", "")
     archive = os.path.abspath(args.archive)
     if not os.path.isfile(archive):
         raise SpecError(f"swap: archive not found: {args.archive}")
-    if os.path.dirname(archive) != os.path.abspath(store):
-        shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
     model, version, _ = archive_info(archive)
     probe = json.loads(args.probe) if args.probe else None
-    result = swap_version(handle.client(), model, os.path.basename(archive), version, args.workers, args.drain,
-                          retire=not args.keep_old, probe=probe)
+    with recording(args) as handle:
+        store = read_properties(handle.config_path).get("model_store", "")
+        if os.path.dirname(archive) != os.path.abspath(store):
+            shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
+        result = swap_version(handle.client(), model, os.path.basename(archive), version, args.workers, args.drain,
+                              retire=not args.keep_old, probe=probe)
     for line in result.steps:
         print(line)
     return 0
 
 
 def cmd_set_default(args: argparse.Namespace) -> int:
-    result = _client(args).set_default(args.model, args.version)
+    with recording(args) as handle:
+        result = handle.client().set_default(args.model, args.version)
     print(result.get("status", result) if isinstance(result, dict) else result)
     return 0
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
-    result = _client(args).unregister(args.model, args.version)
+    with recording(args) as handle:
+        result = handle.client().unregister(args.model, args.version)
     print(result.get("status", result) if isinstance(result, dict) else result)
     return 0
 
 
-def cmd_versions(args: argparse.Namespace) -> int:
-    from archiver.status import model_versions
+def cmd_scale(args: argparse.Namespace) -> int:
+    from archiver.operate import wait_ready
 
-    versions = model_versions(_client(args), args.model)
+    max_workers = args.max_workers if args.max_workers is not None else args.workers
+    with recording(args) as handle:
+        client = handle.client()
+        # Asynchronous, then wait: a synchronous scale holds a frontend network thread until the workers are up.
+        client.scale(args.model, args.version, min_worker=args.workers, max_worker=max_workers, synchronous=False)
+        version = args.version or client.describe(args.model)[0]["modelVersion"]
+        wait_ready(client, args.model, version, args.workers, args.timeout)
+    print(f"{args.model} {version}: {args.workers} worker(s) ready (max {max_workers})")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from archiver.status import format_endpoints, model_versions
+
+    client = _client(args)
+    versions = model_versions(client, args.model)
     rows = [["version", "default", "workers", "built_at", "runtime", "max_abs_err", "accuracy", "archive"]]
     for v in versions:
         rows.append([v["version"], "*" if v["default"] else "", v["workers"], v.get("built_at") or "-",
                      v.get("runtime") or "-", v.get("max_abs_error") or "-", v.get("accuracy") or "-", v["archive"]])
     print(_table(rows))
+    print(format_endpoints(client.inference_url, args.model))
     return 0
 
 
@@ -272,6 +395,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         response = client.predict(args.model, body=json.loads(args.json), version=args.version)
     print(response.text)
     return 0 if response.status_code == 200 else 1
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from archiver.drift import drift_report
+    from archiver.server import ServerHandle
+
+    handle = ServerHandle.load(os.path.abspath(args.run_dir))
+    report = drift_report(handle, args.model, args.version, args.max_psi, args.min_count)
+    print(_table(report.rows()))
+    print(report.summary())
+    return 1 if report.drifted else 0
 
 
 # --- parser --------------------------------------------------------------------------------------------
@@ -291,11 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model-class", help="path/to/file.py:ClassName of the eager model")
     b.add_argument("--weights", help="state_dict file for --model-class")
     b.add_argument("--torchscript", help="a TorchScript file instead of --model-class/--weights")
-    b.add_argument("--input-shape", help="one sample's shape, e.g. 1,28,28")
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--format", nargs="+", default=["torchscript"], choices=["torchscript", "onnx", "state_dict"])
+    b.add_argument("--pretrained", help="a Hugging Face model folder (save_pretrained) instead of --model-class")
+    b.add_argument("--input", action="append", metavar="NAME:SHAPE[:DTYPE]",
+                   help="a named input, repeatable: --input input_ids:-1:int64 --input attention_mask:-1:int64 "
+                        "(-1: a free axis)")
+    b.add_argument("--input-shape", help="the one input's sample shape, e.g. 1,28,28 or -1,12")
+    b.add_argument("--dtype", default="float32", help="dtype of --input-shape (and of --input without one)")
+    b.add_argument("--outputs", help="names of a tuple's outputs, comma-separated (dict outputs name themselves)")
+    b.add_argument("--format", nargs="+", default=["torchscript"], choices=list(RUNTIMES),
+                   help="; ".join(f"{name}: {entry.summary}" for name, entry in RUNTIMES.items()))
     b.add_argument("--method", default="trace", choices=["trace", "script"])
-    b.add_argument("--frontend", default="tensor", choices=["tensor", "image"])
+    b.add_argument("--frontend", default="tensor", choices=list(FRONTENDS),
+                   help="; ".join(f"{name}: {entry.summary}" for name, entry in FRONTENDS.items()))
     b.add_argument("--tolerance", type=float)
     b.add_argument("--samples", help=".npz with validation inputs x (and labels y)")
     b.add_argument("--labels", help="class names: a,b,c or a JSON file (list or index_to_name.json)")
@@ -318,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--enable-model-api", action="store_true", help="allow register/unregister (token auth stays on)")
     c.add_argument("--disable-token-auth", action="store_true",
                    help="turn token authorization off (not for production)")
+    c.add_argument("--no-oip", action="store_true",
+                   help="leave TorchServe's OIP v2 health/metadata routes and OIP gRPC service off "
+                        "(/v2/models/NAME/infer still works)")
     c.add_argument("--bind", default="127.0.0.1")
     c.add_argument("--inference-port", type=int, default=8080)
     c.add_argument("--management-port", type=int, default=8081)
@@ -326,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TorchServe's gRPC ports (it always opens them)")
     c.add_argument("--job-queue-size", type=int, default=100)
     c.add_argument("--gpus", type=int, help="number of GPUs (default: detect with nvidia-smi or torch)")
+    c.add_argument("--alert-error-rate", type=float, default=0.05,
+                   help="alerts.yaml: 5xx share of a model's answers that alerts (default 0.05)")
+    c.add_argument("--alert-p99-s", type=float, default=0.5,
+                   help="alerts.yaml: p99 handler latency per batch that alerts, seconds (default 0.5)")
+    c.add_argument("--alert-max-psi", type=float, default=0.2,
+                   help="alerts.yaml: prediction-drift PSI over the last hour that alerts (default 0.2)")
     c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("serve", help="start, stop or check TorchServe")
@@ -333,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=os.path.join("model_store", "config.properties"))
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     s.add_argument("--json", action="store_true", help="status as JSON")
+    s.add_argument("--fresh", action="store_true", help="start: ignore the recorded deployment (it is set aside as "
+                   "a file, not deleted) and load what config.properties lists")
     s.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("register", help="register an archive (a new version) through the management API")
@@ -360,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("version", nargs="?")
     u.set_defaults(func=cmd_unregister)
 
+    sc = sub.add_parser("scale", help="set a version's worker count (recorded, so a restart keeps it)")
+    sc.add_argument("model")
+    sc.add_argument("version", nargs="?", help="default: the default version")
+    sc.add_argument("--workers", type=int, required=True, help="minimum workers")
+    sc.add_argument("--max-workers", type=int, help="default: --workers")
+    sc.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers")
+    sc.set_defaults(func=cmd_scale)
+
     v = sub.add_parser("versions", help="list a model's versions, workers and build figures")
     v.add_argument("model")
     v.set_defaults(func=cmd_versions)
@@ -373,16 +533,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-type")
     p.set_defaults(func=cmd_predict)
 
+    dr = sub.add_parser("drift", help="compare served predictions with the build's validation profile (PSI, TV); "
+                        "exit 1 above --max-psi")
+    dr.add_argument("model")
+    dr.add_argument("--version", help="model version (default: the default version)")
+    dr.add_argument("--max-psi", type=float, default=0.2, help="PSI above which drift is reported (default 0.2)")
+    dr.add_argument("--min-count", type=int, default=100,
+                    help="served predictions needed before comparing (default 100)")
+    dr.set_defaults(func=cmd_drift)
+
     add_k8s_parser(sub)
 
-    for command in (s, r, w, d, u, v, p):
+    for command in (s, r, w, d, u, sc, v, p, dr):
         command.add_argument("--run-dir", default=os.path.join(".tspack", "server"),
                              help="the server's run folder (key_file.json, logs, state)")
     return parser
 
 
+# torchao (pt2e int8; transformers imports it when installed) warns at import about CUDA kernels a CPU build cannot
+# load; those lines say nothing about the build.
+QUIET_LIBRARY_LOGGERS = ("torchao",)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    import logging
+
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    args = build_parser().parse_args(join_shape_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except (TspackCliError, SpecError) as exc:

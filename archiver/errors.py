@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from handlers.errors import SpecError
 
-__all__ = ["TspackCliError", "SpecError", "BuildError", "ValidationFailed", "ServerError", "ApiError"]
+__all__ = ["TspackCliError", "SpecError", "BuildError", "ValidationFailed", "ServerError", "ApiError",
+           "DeploymentError"]
 
 
 class TspackCliError(Exception):
@@ -21,6 +22,10 @@ class ValidationFailed(BuildError):
 
 class ServerError(TspackCliError):
     """TorchServe did not start, stop, or answer as expected."""
+
+
+class DeploymentError(ServerError):
+    """The deployment record (run folder's deployment.json) cannot be read, written or restored."""
 
 
 class ApiError(TspackCliError):

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from archiver.errors import BuildError
 from archiver.spec import SourceSpec
+from handlers.imports import import_file
 
 
 def import_object(reference: str, key: str = "source.model_class") -> object:
     """Import `path/to/file.py:Name` from a file path (the file need not be on sys.path)."""
     path, _, name = reference.partition(":")
-    module_name = "tspack_src_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise BuildError(f"{key}: cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        module = import_file(path)
+    except ImportError as exc:
+        raise BuildError(f"{key}: {exc}") from exc
     except Exception as exc:
         raise BuildError(f"{key}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     if not name:
@@ -68,12 +63,23 @@ class TraceUnsafe(BuildError):
     """Tracing recorded one path through data-dependent control flow."""
 
 
-def to_torchscript(model: nn.Module, example: torch.Tensor, method: str) -> torch.jit.ScriptModule:
-    """Trace or script `model`. A trace that depends on the input's values is refused.
+def _library_file(path: str) -> bool:
+    """Code of an installed package (torch, transformers, ...) rather than the user's own model file."""
+    parts = os.path.abspath(path).split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts
+
+
+def to_torchscript(model: nn.Module, example: Optional[tuple], method: str,
+                   notes: Optional[list[str]] = None) -> torch.jit.ScriptModule:
+    """Trace or script `model`. A trace that depends on the input's values in the user's own code is refused.
+
+    The tracer also warns inside installed libraries (Hugging Face models convert shapes to Python ints, torch's
+    nn.LSTM checks its arguments): those warnings are kept as notes, and the build's validation at two lengths
+    of every free axis catches a trace that baked one in.
 
     Raises:
-        TraceUnsafe: the tracer warned that the trace may not generalise (a Python bool from a tensor,
-            data-dependent control flow): such a trace bakes in the branch the example took.
+        TraceUnsafe: the tracer warned, in the model's own code, that the trace may not generalise (a Python
+            bool from a tensor, data-dependent control flow): such a trace bakes in the branch the example took.
         BuildError: scripting failed (unsupported Python in the model).
     """
     if isinstance(model, torch.jit.ScriptModule):
@@ -87,31 +93,19 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, method: str) -> torc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
         with torch.no_grad():
-            traced = torch.jit.trace(model, example, check_trace=False)
-    # torch's own modules (nn.LSTM's argument checks) warn too; only the model's own code can bake in a branch.
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    tracer_warnings = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
-                       and not os.path.abspath(w.filename).startswith(torch_dir)]
-    if tracer_warnings:
-        first = str(tracer_warnings[0].message).splitlines()[0]
+            traced = torch.jit.trace(model, example, check_trace=False, strict=False)
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    own = [w for w in tracer if not _library_file(w.filename)]
+    if own:
+        first = str(own[0].message).splitlines()[0]
         raise TraceUnsafe(
-            f"method 'trace': the model has data-dependent control flow, so a trace would bake in one branch "
-            f"({first}); use method: script")
+            f"method 'trace': the model has data-dependent control flow at {own[0].filename}:{own[0].lineno}, so "
+            f"a trace would bake in one branch ({first}); use method: script, or format aoti (torch.export)")
+    if tracer and notes is not None:
+        where = sorted({f"{os.path.basename(w.filename)}:{w.lineno}" for w in tracer})[:3]
+        notes.append(f"trace: {len(tracer)} tracer warning(s) inside installed libraries ({', '.join(where)}); "
+                     "checked by validation at two lengths")
     return traced
-
-
-def to_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int, input_name: str = "input",
-            output_name: str = "output", dynamic_axes: Optional[dict[str, Any]] = None) -> None:
-    """Export with named input/output and a dynamic batch axis (plus any free axes given)."""
-    axes = dynamic_axes or {input_name: {0: "batch"}, output_name: {0: "batch"}}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), path, opset_version=opset, input_names=[input_name],
-                              output_names=[output_name], dynamic_axes=axes, dynamo=False)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BuildError(f"format 'onnx': export failed: {first}") from exc
 
 
 def optimize_onnx_graph(source: str, target: str) -> None:

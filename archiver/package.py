@@ -21,7 +21,8 @@ import yaml
 import handlers
 from archiver.errors import BuildError
 from archiver.spec import ServingSpec
-from handlers.spec import MANIFEST_FILE, ArtifactManifest, parse
+from handlers.registry import FRONTENDS
+from handlers.spec import MANIFEST_FILE, ArtifactManifest, parse, to_dict
 
 HANDLERS_DIR = os.path.dirname(os.path.abspath(handlers.__file__))
 MODEL_CONFIG_FILE = "model-config.yaml"
@@ -45,6 +46,8 @@ def model_config(serving: ServingSpec, gpus: int = 0, extra: Optional[dict] = No
         handler["intra_op_threads"] = serving.intra_op_threads
     if not serving.cpu_fallback:
         handler["cpu_fallback"] = False
+    if serving.cache is not None:  # read back by handlers/cache.py:cache_config
+        handler["cache"] = to_dict(serving.cache)
     if handler:
         config["handler"] = handler
     config.update(extra or {})
@@ -108,7 +111,8 @@ def build_artifact_mar(stage_dir: str, manifest: ArtifactManifest, serving: Serv
                        gpus: int = 0) -> str:
     """A single-artifact archive: its manifest, model file and the front end's handler."""
     manifest.dump(stage_dir)
-    return build_mar(stage_dir, manifest.name, manifest.version, manifest.frontend, serving, export_dir,
+    handler = FRONTENDS[manifest.frontend].handler
+    return build_mar(stage_dir, manifest.name, manifest.version, handler, serving, export_dir,
                      archive_file_name(manifest.name, manifest.version), serialized_file=manifest.runtime.file,
                      gpus=gpus)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from archiver.spec import ServingSpec
+from archiver.tables import render
 from handlers.errors import SpecError
 
 
@@ -103,7 +104,4 @@ def placement_table(placement: dict[str, list[Optional[int]]], number_of_gpu: in
     for model, gpus in placement.items():
         counts = [sum(1 for g in gpus if g == i) for i in range(number_of_gpu)] + [sum(1 for g in gpus if g is None)]
         rows.append([model, *(str(c) if c else "-" for c in counts)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render(rows)

@@ -119,37 +119,41 @@ def quantize_dynamic_onnx(source: str, target: str) -> None:
 
 
 class ArrayCalibrationReader:
-    """ONNX Runtime CalibrationDataReader over an array of samples, `batch` rows at a time."""
+    """ONNX Runtime CalibrationDataReader over named arrays of samples, `batch` rows at a time."""
 
-    def __init__(self, input_name: str, samples: np.ndarray, batch: int = 16):
-        self.input_name = input_name
-        self.batches = [samples[i:i + batch] for i in range(0, len(samples), batch)]
+    def __init__(self, samples: dict[str, np.ndarray], batch: int = 16):
+        rows = len(next(iter(samples.values())))
+        self.batches = [{name: a[i:i + batch] for name, a in samples.items()} for i in range(0, rows, batch)]
         self.position = 0
 
     def get_next(self) -> Optional[dict]:
         if self.position >= len(self.batches):
             return None
         self.position += 1
-        return {self.input_name: self.batches[self.position - 1]}
+        return self.batches[self.position - 1]
 
     def rewind(self) -> None:
         self.position = 0
 
 
-def quantize_static_onnx(source: str, target: str, calibration: np.ndarray, input_name: str,
+def quantize_static_onnx(source: str, target: str, calibration: dict[str, np.ndarray],
                          per_channel: bool = True) -> None:
     """QDQ static int8 with calibration data (MinMax), after ORT's recommended pre-processing."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(ArrayCalibrationReader, CalibrationDataReader):
         pass
 
+    # The exporter drops inputs the graph does not use; ORT refuses feeds the graph does not have.
+    graph_inputs = {i.name for i in onnx.load(source, load_external_data=False).graph.input}
+    feeds = {name: a for name, a in calibration.items() if name in graph_inputs}
     prepared = target + ".pre.onnx"
     try:
         with _quiet():
             quant_pre_process(source, prepared, skip_symbolic_shape=True)
-            quantize_static(prepared, target, Reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+            quantize_static(prepared, target, Reader(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         if os.path.exists(prepared):

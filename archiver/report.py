@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from archiver.tables import render
+
 REPORT_FILE = "build_report.json"
 
 
@@ -32,6 +34,7 @@ class ArtifactReport:
     reference_accuracy: Optional[float] = None
     latency_ms_b1: Optional[float] = None
     latency_ms_b32: Optional[float] = None
+    build_s: Optional[float] = None  # export (+ compile) time, without validation and packaging
     validated: bool = True
     passed: bool = False
     error: Optional[str] = None
@@ -73,6 +76,8 @@ def _fmt(value, kind: str) -> str:
         return f"{value:.1e}"
     if kind == "ms":
         return f"{value:.2f}"
+    if kind == "s":
+        return f"{value:.1f}"
     if kind == "size":
         return f"{value / 1e6:.2f}MB" if value >= 1e5 else f"{value / 1e3:.1f}kB"
     return str(value)
@@ -87,14 +92,13 @@ def format_table(entries: list[ArtifactReport]) -> str:
         ("sparsity", lambda e: e.sparsity, "pct"), ("max_abs_err", lambda e: e.max_abs_error, "err"),
         ("top1_agree", lambda e: e.top1_agreement, "pct"), ("accuracy", lambda e: e.accuracy, "pct"),
         ("ms@b1", lambda e: e.latency_ms_b1, "ms"), ("ms@b32", lambda e: e.latency_ms_b32, "ms"),
+        ("build_s", lambda e: e.build_s, "s"),
         ("result", lambda e: ("PASS" if e.validated else "BUILT-UNVALIDATED") if e.passed else "FAIL", None),
     ]
     rows = [[name for name, _, _ in columns]]
     for entry in entries:
         rows.append([_fmt(get(entry), kind) for _, get, kind in columns])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = render(rows).splitlines()
     for entry in entries:
         if entry.error:
             lines.append(f"  {entry.key}: {entry.error}")

@@ -30,6 +30,7 @@ from archiver.serving import read_properties
 
 STATE_FILE = "server.json"
 DEFAULT_RUN_DIR = os.path.join(".tspack", "server")
+TMP_PREFIX = "tspack-ts-"
 JAVA_HINT = "TorchServe needs Java 17: install it with `apt-get install -y openjdk-17-jre-headless` (or set JAVA_HOME)"
 
 WORKER_DIED = re.compile(r"Backend worker process died|Load model failed|Worker died|WorkerInitializationException")
@@ -71,6 +72,19 @@ class ServerHandle:
     def save(self) -> None:
         with open(os.path.join(self.run_dir, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def for_config(cls, config_path: str, run_dir: str, pid: int, tmp_dir: str) -> ServerHandle:
+        """The handle of a TorchServe launched (pid: the `torchserve` launcher) with `config_path` from `run_dir`;
+        for launchers other than `start`, such as the image's entrypoint."""
+        props = read_properties(config_path)
+        return cls(
+            run_dir=os.path.abspath(run_dir), config_path=os.path.abspath(config_path), pid=pid,
+            inference_url=props.get("inference_address", "http://127.0.0.1:8080"),
+            management_url=props.get("management_address", "http://127.0.0.1:8081"),
+            metrics_url=props.get("metrics_address", "http://127.0.0.1:8082"),
+            token_auth=props.get("disable_token_authorization", "false").lower() != "true", tmp_dir=tmp_dir,
+            started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     @classmethod
     def load(cls, run_dir: str) -> ServerHandle:
@@ -153,7 +167,7 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
     for kind, url in listening.items():
         if port_in_use(url):
             raise ServerError(f"{kind} address {url} is in use: stop what listens there or choose other ports")
-    tmp_dir = tempfile.mkdtemp(prefix="tspack-ts-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    tmp_dir = tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp" if os.path.isdir("/tmp") else None)
     cmd = [_torchserve_bin(), "--start", "--foreground", "--ncs", "--ts-config", config_path]
     for flag, key in (("--model-store", "model_store"), ("--workflow-store", "workflow_store")):
         if props.get(key):
@@ -161,11 +175,7 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
     with open(os.path.join(run_dir, "logs", "torchserve.out"), "ab") as out:
         process = subprocess.Popen(cmd, cwd=run_dir, env=_child_env(run_dir, tmp_dir, java, env, tuned), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    handle = ServerHandle(
-        run_dir=run_dir, config_path=config_path, pid=process.pid, inference_url=urls["inference"],
-        management_url=urls["management"], metrics_url=urls["metrics"],
-        token_auth=props.get("disable_token_authorization", "false").lower() != "true", tmp_dir=tmp_dir,
-        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    handle = ServerHandle.for_config(config_path, run_dir, process.pid, tmp_dir)
     handle.save()
     startup_models = [m.split("=", 1)[0] for m in props.get("load_models", "").split(",") if m and m != "ALL"]
     try:
@@ -176,13 +186,81 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
     return handle
 
 
+def ensure_not_running(run_dir: str) -> Optional[str]:
+    """Refuse when a server runs from `run_dir`; clean up after one that died.
+
+    A `kill -9` of the Java frontend (or an OOM kill) ends the launcher too, but leaves its Python workers
+    running, orphaned, and its temp folder behind. Those workers hold memory (and GPUs), so they are killed
+    here before a new server starts. Processes are matched by their command line (the launcher names the
+    config, a worker its socket in the server's own temp folder), never by pid alone: after a reboot or a
+    container restart the recorded pid may be anyone's.
+
+    Returns:
+        A line saying what was cleaned up, or None when there was nothing to clean.
+
+    Raises:
+        ServerError: a live server runs from `run_dir`.
+    """
+    run_dir = os.path.abspath(run_dir)
+    if not os.path.isfile(os.path.join(run_dir, STATE_FILE)):
+        return None
+    previous = ServerHandle.load(run_dir)
+    _reap(previous.pid)  # our own child (tests, benchmarks) stays a zombie, and "alive", until reaped
+    launcher = previous.alive() and previous.config_path.encode() in _cmdline(previous.pid)
+    if launcher and any(b"org.pytorch.serve" in _cmdline(c) for c in _children(previous.pid)):
+        raise ServerError(f"TorchServe already runs from {run_dir} (pid {previous.pid}); `tspack serve stop` first")
+    deadline = time.monotonic() + 10
+    while launcher and previous.alive() and time.monotonic() < deadline:  # it exits once its frontend is gone
+        _reap(previous.pid)
+        time.sleep(0.1)
+    # The frontend runs with -Djava.io.tmpdir=<tmp> and puts each worker's socket at <tmp>/.ts.sock.<port>.
+    marks = (f"-Djava.io.tmpdir={previous.tmp_dir}\0".encode(), f"{previous.tmp_dir}/.ts.sock.".encode())
+    leftovers = [pid for pid in _pids() if any(mark in _cmdline(pid) for mark in marks)]
+    if launcher and previous.alive():
+        leftovers.append(previous.pid)
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap(previous.pid)
+    _remove_private_tmp(previous.tmp_dir)
+    os.remove(os.path.join(run_dir, STATE_FILE))
+    note = f"the TorchServe recorded in {run_dir} (pid {previous.pid}) was not running"
+    return note + (f"; killed {len(leftovers)} process(es) it left behind" if leftovers else "")
+
+
+def _remove_private_tmp(tmp_dir: str) -> None:
+    """Remove a server's temp folder, only when it is one `start` made (a handle built for another launcher may
+    name a shared folder such as /tmp)."""
+    if os.path.basename(os.path.normpath(tmp_dir)).startswith(TMP_PREFIX):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()] if os.path.isdir("/proc") else []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def _prepare_run_dir(run_dir: str) -> str:
     """Create the run folder; refuse when a server already runs from it; clear stale keys and logs."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-    if os.path.isfile(os.path.join(run_dir, STATE_FILE)):
-        previous = ServerHandle.load(run_dir)
-        if previous.alive():
-            raise ServerError(f"TorchServe already runs from {run_dir} (pid {previous.pid}); `tspack serve stop` first")
+    ensure_not_running(run_dir)
     stale = [os.path.join(run_dir, "key_file.json")]
     stale += [os.path.join(run_dir, "logs", f) for f in os.listdir(os.path.join(run_dir, "logs"))
               if f.endswith((".log", ".out"))]
@@ -288,7 +366,7 @@ def stop(run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 30.0, quiet: bool = 
         _reap(handle.pid)
     # Workers outlive a SIGTERMed frontend for a moment; make sure none stays.
     _signal_group(handle.pid, signal.SIGKILL)
-    shutil.rmtree(handle.tmp_dir, ignore_errors=True)
+    _remove_private_tmp(handle.tmp_dir)
     for leftover in (STATE_FILE, "key_file.json"):
         try:
             os.remove(os.path.join(handle.run_dir, leftover))

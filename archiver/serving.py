@@ -14,9 +14,10 @@ from typing import Literal, Optional
 
 import yaml
 
+from archiver.alerts import ALERTS_FILE, AlertThresholds, baselines, write_alerts
 from archiver.placement import Deployed
-from handlers.errors import SpecError
 from handlers.metrics import metrics_yaml_section
+from handlers.spec import require
 
 Profile = Literal["production", "dev"]
 METRICS_FILE = "metrics.yaml"
@@ -24,9 +25,7 @@ LOG_CONFIG_FILE = "log4j2.xml"
 ARCHIVE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*\.(mar|war)"
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SpecError(message)
+_require = require
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,10 @@ class ServerConfig:
     job_queue_size: int = 100
     token_auth: bool = True
     model_api: bool = False
+    # TorchServe's own OIP v2 routes: /v2, /v2/health/live|ready over HTTP and the OIP gRPC service
+    # (ServerLive/Ready, ModelReady, ModelMetadata, ModelInfer) on the gRPC inference port. Infer at
+    # /v2/models/{name}/infer reaches the handlers either way; every one of these routes takes the inference token.
+    open_inference_protocol: bool = True
     token_expiration_min: int = 60
     # The frontend's hard cap. Above it Netty answers a bare 413 with no body, so it sits well above the
     # handlers' own per-model limits (max_body_bytes, image max_bytes), which answer a JSON 413 naming the limit.
@@ -139,6 +142,7 @@ class ServerConfig:
             f"max_response_size={self.max_response_size}",
             f"disable_token_authorization={'false' if self.token_auth else 'true'}",
             f"enable_model_api={'true' if self.model_api else 'false'}",
+            f"ts_open_inference_protocol={'true' if self.open_inference_protocol else 'false'}",
             f"token_expiration_min={self.token_expiration_min}",
             # Handlers parse request bytes themselves, so malformed JSON gets a precise 4xx, not a worker warning.
             "decode_input_request=false",
@@ -207,12 +211,16 @@ def log_config_text(access_log: bool) -> str:
             '    <Root level="warn"><AppenderRef ref="ts_log"/></Root>\n  </Loggers>\n</Configuration>\n')
 
 
-def write_config(config: ServerConfig, path: str) -> str:
-    """Write config.properties at `path`, the metrics and log configs beside it; returns the properties path."""
+def write_config(config: ServerConfig, path: str, alerts: Optional[AlertThresholds] = None) -> str:
+    """Write config.properties at `path`, the metrics and log configs and the Prometheus alerting rules
+    (alerts.yaml, with drift baselines from the start-up archives' profiles) beside it; returns the properties
+    path."""
     from dataclasses import replace
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    write_alerts(os.path.join(folder, ALERTS_FILE), alerts or AlertThresholds(),
+                 baselines(config.models, config.model_store))
     metrics_path = os.path.join(folder, METRICS_FILE)
     with open(metrics_path, "w", encoding="utf-8") as f:
         f.write(metrics_config_text())

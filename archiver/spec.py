@@ -13,33 +13,48 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from handlers.cache import CacheConfig
 from handlers.errors import SpecError
-from handlers.spec import Frontend, GraphOptimization, ImageSpec, InputSpec, OutputSpec, Precision, parse
+from handlers.registry import RUNTIMES
+from handlers.spec import (
+    Frontend,
+    GraphOptimization,
+    ImageSpec,
+    InputSpec,
+    OutputSpec,
+    Precision,
+    TextSpec,
+    parse,
+    require,
+)
 
-ArtifactFormat = Literal["torchscript", "onnx", "state_dict"]
+ArtifactFormat = Literal[tuple(RUNTIMES)]
+PretrainedTask = Literal["sequence-classification"]
 ScriptMethod = Literal["trace", "script"]
 QuantizeMode = Literal["dynamic", "static", "qat"]
 PruneMethod = Literal["l1_unstructured", "global_unstructured"]
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SpecError(message)
+_require = require
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where the trained model comes from: a model class plus a state_dict, or a TorchScript file."""
+    """Where the trained model comes from: a model class plus a state_dict, a TorchScript file, or a Hugging Face
+    model folder (written by `save_pretrained`: config.json, model.safetensors, tokenizer files)."""
 
     model_class: Optional[str] = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     weights: Optional[str] = None
     torchscript: Optional[str] = None
+    pretrained: Optional[str] = None
+    task: PretrainedTask = "sequence-classification"
 
     def __post_init__(self):
         eager = self.model_class is not None or self.weights is not None
-        _require(eager != (self.torchscript is not None),
-                 "source: give either model_class + weights (a state_dict) or torchscript (a .pt file), not both")
+        given = sum((eager, self.torchscript is not None, self.pretrained is not None))
+        _require(given == 1, "source: give one of model_class + weights (a state_dict), torchscript (a .pt file) or "
+                             "pretrained (a save_pretrained folder)")
         if eager:
             _require(bool(self.model_class) and ":" in self.model_class,
                      "source.model_class: expected 'path/to/file.py:ClassName'")
@@ -62,10 +77,11 @@ class SamplesSpec:
     """
 
     file: Optional[str] = None
-    inputs_key: str = "x"
+    inputs_key: str = "x"  # one-input models; a model with several inputs reads one array per input name
     labels_key: str = "y"
     count: int = 64
     seed: int = 0
+    texts: tuple[str, ...] = ()  # text models: sample texts, tokenized with the model's tokenizer
 
     def __post_init__(self):
         _require(self.count >= 2, f"samples.count: must be >= 2, got {self.count}")
@@ -76,7 +92,7 @@ DEFAULT_BATCH_DELAY_MS = 2
 
 @dataclass(frozen=True)
 class ServingSpec:
-    """TorchServe settings for one model: batching, workers, timeouts, threads."""
+    """TorchServe settings for one model: batching, workers, timeouts, threads, the response cache."""
 
     batch_size: int = 8
     # None: 2 ms with batching, 0 without (the only values TorchServe 0.12 handles well for each).
@@ -90,6 +106,8 @@ class ServingSpec:
     devices: Union[Literal["cpu", "all"], tuple[int, ...]] = "cpu"
     workers_per_gpu: int = 1
     cpu_fallback: bool = True
+    # The worker's response cache (handlers/cache.py); None: off. Only for deterministic models.
+    cache: Optional[CacheConfig] = None
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"serving.batch_size: must be >= 1, got {self.batch_size}")
@@ -166,7 +184,7 @@ class ArtifactSpec:
     format: ArtifactFormat = "torchscript"
     id: str = "main"
     method: ScriptMethod = "trace"
-    opset: int = 17
+    opset: int = 18  # the dynamo exporter's lowest; the legacy fallback takes >= 17
     optimize_graph: bool = False
     graph_optimization: GraphOptimization = "all"  # ONNX Runtime's session level when serving
     custom_ops: Optional[str] = None
@@ -187,8 +205,8 @@ class ArtifactSpec:
                  "'torchscript' or 'onnx'")
         _require(not (self.quantize and self.precision == "fp16"),
                  "artifacts: choose int8 (quantize) or fp16, not both")
-        _require(self.format != "onnx" or self.quantize is None or self.quantize.mode != "qat",
-                 "quantize.mode: 'qat' is a torch path; use format 'torchscript'")
+        _require(self.format == "torchscript" or self.quantize is None or self.quantize.mode != "qat",
+                 "quantize.mode: 'qat' is a torch.ao path; use format 'torchscript'")
 
     @property
     def optimizations(self) -> list[str]:
@@ -196,12 +214,23 @@ class ArtifactSpec:
         if self.prune:
             applied.append(f"prune-{self.prune.method}-{self.prune.amount:g}")
         if self.quantize:
-            applied.append(f"int8-{self.quantize.mode}-{'ort' if self.format == 'onnx' else 'torch'}")
+            path = {"onnx": "ort", "aoti": "pt2e"}.get(self.format, "torch")
+            applied.append(f"int8-{self.quantize.mode}-{path}")
         if self.precision == "fp16":
             applied.append("fp16")
         if self.optimize_graph:
             applied.append("ort-graph-optimized")
         return applied
+
+
+# TorchServe 0.12 sends every request whose path contains "/token" to its token API (TokenAuthorizationHandler
+# checks `uri.contains("/token")`), so a model called "tokens" can be neither described nor predicted.
+TOKEN_API_PREFIX = "token"
+
+
+def token_api_message(name: str) -> str:
+    return (f"name: '{name}' starts with 'token'; TorchServe 0.12 sends any path containing '/token' (here "
+            f"/models/{name}, /predictions/{name}) to its token API; choose another name")
 
 
 @dataclass(frozen=True)
@@ -211,10 +240,13 @@ class ModelSpec:
     name: str
     version: str
     source: SourceSpec
-    input: InputSpec
+    input: Optional[InputSpec] = None  # the one-input shorthand of `inputs`
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[str, ...] = ()  # names of a tuple's outputs; dict outputs are named by their keys
     output: OutputSpec = field(default_factory=OutputSpec)
     frontend: Frontend = "tensor"
     image: Optional[ImageSpec] = None
+    text: Optional[TextSpec] = None
     samples: SamplesSpec = field(default_factory=SamplesSpec)
     tolerance: float = 1e-4
     max_body_bytes: int = 8 * 1024 * 1024
@@ -226,14 +258,26 @@ class ModelSpec:
 
         _require(re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$", self.name) is not None,
                  f"name: '{self.name}' may hold letters, digits, '_', '-' and '.' only")
+        _require(not self.name.startswith(TOKEN_API_PREFIX), token_api_message(self.name))
         _require(re.match(r"^[0-9][0-9A-Za-z.\-]*$", self.version) is not None,
                  f"version: '{self.version}' must start with a digit, e.g. '1.0'")
+        if self.input is not None:
+            _require(not self.inputs, "input: give `input` (one input) or `inputs` (a list), not both")
+            object.__setattr__(self, "inputs", (self.input,))
+            object.__setattr__(self, "input", None)
+        _require(len(self.inputs) >= 1 or self.source.pretrained is not None,
+                 "inputs: declare the model's input (input: {shape: [...]}) or its inputs (a list)")
+        names = [i.name for i in self.inputs]
+        _require(len(set(names)) == len(names), f"inputs: names must be unique, got {names}")
+        _require(len(set(self.outputs)) == len(self.outputs),
+                 f"outputs: names must be unique, got {list(self.outputs)}")
         _require(self.tolerance > 0, "tolerance: must be > 0")
         _require(len(self.artifacts) >= 1, "artifacts: list at least one artifact")
         ids = [a.id for a in self.artifacts]
         _require(len(ids) == len(set(ids)), f"artifacts: ids must be unique, got {ids}")
         frontends = {a.frontend or self.frontend for a in self.artifacts}
         _require("image" not in frontends or self.image is not None, "image: required when a front end is 'image'")
+        _require("image" not in frontends or len(self.inputs) == 1, "image: the image front end feeds one input")
 
     def archive_name(self, artifact: ArtifactSpec) -> str:
         return self.name if artifact.id == "main" else f"{self.name}-{artifact.id}"
@@ -305,6 +349,7 @@ class ABSpec:
     workflow: WorkflowSpec = field(default_factory=WorkflowSpec)
 
     def __post_init__(self):
+        _require(not self.name.startswith(TOKEN_API_PREFIX), token_api_message(self.name))
         names = [v.name for v in self.variants]
         _require(len(names) >= 2, f"ab.{self.name}.variants: an A/B test needs two or more variants, got {len(names)}")
         _require(len(set(names)) == len(names), f"ab.{self.name}.variants: names must be unique, got {names}")
@@ -349,7 +394,7 @@ def resolve_paths(spec: DeploySpec, base: str) -> DeploySpec:
         if src.model_class:
             model_class = f"{absolute(src.model_file)}:{src.class_name}"
         source = replace(src, model_class=model_class, weights=absolute(src.weights),
-                         torchscript=absolute(src.torchscript))
+                         torchscript=absolute(src.torchscript), pretrained=absolute(src.pretrained))
         artifacts = tuple(_resolve_artifact(a, absolute) for a in m.artifacts)
         models.append(replace(m, source=source, samples=replace(m.samples, file=absolute(m.samples.file)),
                               artifacts=artifacts))
@@ -378,6 +423,8 @@ def check_files(model: ModelSpec) -> None:
     src = model.source
     paths = [("source.model_class", src.model_file), ("source.weights", src.weights),
              ("source.torchscript", src.torchscript), ("samples.file", model.samples.file)]
+    if src.pretrained is not None and not os.path.isdir(src.pretrained):
+        raise SpecError(f"models.{model.name}.source.pretrained: folder not found: {src.pretrained}")
     for a in model.artifacts:
         where = f"artifacts.{a.id}"
         paths.append((f"{where}.custom_ops", a.custom_ops))

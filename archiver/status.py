@@ -52,6 +52,20 @@ def model_versions(client: TorchServeClient, model: str) -> list[dict]:
     return sorted(versions, key=lambda v: str(v["version"]))
 
 
+def endpoints(inference_url: str, model: str) -> dict[str, str]:
+    """Where clients send a model's requests: TorchServe's own route and the Open Inference Protocol v2 one.
+
+    TorchServe 0.12 routes OIP infer only to the default version (`/v2/models/NAME/versions/V/infer` answers
+    501), so a version is addressed through `/predictions/NAME/V`, which takes the same OIP bodies.
+    """
+    return {"predictions": f"{inference_url}/predictions/{model}", "oip": f"{inference_url}/v2/models/{model}/infer"}
+
+
+def format_endpoints(inference_url: str, model: str) -> str:
+    urls = endpoints(inference_url, model)
+    return f"POST {urls['predictions']}[/VERSION]   OIP v2: POST {urls['oip']}"
+
+
 def _build_figures(client: TorchServeClient, model: str, version: str) -> dict:
     """The handler's own description (runtime, build time, validation), when a worker can answer."""
     try:
@@ -124,13 +138,30 @@ def server_status(run_dir: str) -> dict:
         status["ping"] = client.ping().get("status")
         for model in client.models():
             status["models"][model["modelName"]] = model_versions(client, model["modelName"])
+            status.setdefault("endpoints", {})[model["modelName"]] = endpoints(handle.inference_url,
+                                                                                model["modelName"])
         status["traffic"] = _error_rate(run_dir, request_counts(client))
     except (ApiError, requests.RequestException) as exc:
         status["message"] = str(exc)
         return status
     status["healthy"] = status["ping"] == "Healthy" and all(
         any(v["ready_workers"] for v in versions) for versions in status["models"].values())
+    status["record"] = _record_summary(run_dir)
     return status
+
+
+def _record_summary(run_dir: str) -> Optional[dict]:
+    """Where the deployment record is, when it was last written, and how many versions it holds."""
+    from archiver.deployment import load, record_path
+    from archiver.errors import DeploymentError
+
+    try:
+        deployment = load(run_dir)
+    except DeploymentError as exc:
+        return {"path": record_path(run_dir), "error": str(exc)}
+    if deployment is None:
+        return None
+    return {"path": record_path(run_dir), "updated_at": deployment.updated_at, "versions": deployment.version_count()}
 
 
 def format_status(status: dict) -> str:
@@ -143,11 +174,16 @@ def format_status(status: dict) -> str:
             mark = " (default)" if v["default"] else ""
             lines.append(f"  {model} {v['version']}{mark}: {v['workers']}, batch {v.get('batch_size')}, "
                          f"runtime {v.get('runtime') or '-'}, built {v.get('built_at') or '-'}")
+        lines.append(f"    {format_endpoints(status['inference_url'], model)}")
     traffic = status.get("traffic")
     if traffic:
         lines.append(f"  traffic ({traffic['window']}): {traffic['requests']} requests, "
                      f"{traffic['errors_4xx']} 4xx, {traffic['errors_5xx']} 5xx, "
                      f"error rate {100 * traffic['error_rate']:.2f}%")
+    record = status.get("record")
+    if record:
+        lines.append(f"  record: {record['path']}, " + (record["error"] if "error" in record else
+                     f"{record['versions']} version(s), written {record['updated_at']}"))
     if status.get("message"):
         lines.append("  " + status["message"])
     return "\n".join(lines)

@@ -64,7 +64,7 @@ def demo_cold_start(work: str, timeout_s: float = 180.0) -> float:
     stop(run_dir, quiet=True)
     t0 = time.monotonic()
     try:
-        _tspack("serve", "start", "--config", config, "--run-dir", run_dir)
+        _tspack("serve", "start", "--config", config, "--run-dir", run_dir, "--fresh")
         with open(os.path.join(run_dir, "key_file.json"), encoding="utf-8") as f:
             key = json.load(f)["inference"]["key"]
         return _first_200(f"http://127.0.0.1:{ports[0]}/predictions/digits", body, key, t0, timeout_s)

@@ -25,8 +25,9 @@ def measure(mar_path: str, batch: int, threads: int, duration_s: float, warmup: 
             archive.extractall(folder)
         manifest = ArtifactManifest.load(folder)
         runtime = load_runtime(manifest, folder, Placement(device="cpu", gpu_id=None, threads=threads))
-        shape = tuple(1 if d == -1 else d for d in manifest.input.shape)
-        x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+        spec = manifest.inputs[0]
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        x = {spec.name: np.random.default_rng(0).random((batch, *shape), dtype=np.float32)}
         for _ in range(warmup):
             runtime.run(x)
         latencies = []

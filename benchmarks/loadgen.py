@@ -85,8 +85,12 @@ def script_path() -> str:
 
 
 def run(url: str, body_file: str, content_type: str, concurrency: int, duration_s: float,
-        authorization: str = "", cores: int | None = None, timeout_s: int = 30) -> LoadResult:
+        authorization: str = "", cores: int | None = None, timeout_s: int = 30, script: str | None = None,
+        env: dict | None = None) -> LoadResult:
     """POST `body_file` to `url` from `concurrency` connections for `duration_s` seconds.
+
+    `script`: another Lua script (its own `request`, the same `done` as LUA) with extra `env` variables, for a
+    workload whose bodies vary (benchmarks/cache_bench.py).
 
     One wrk thread (it keeps 32 connections busy with a few percent of a core); the CPU wrk used is
     read from its rusage, so its share of the machine is exact rather than sampled.
@@ -94,9 +98,9 @@ def run(url: str, body_file: str, content_type: str, concurrency: int, duration_
     wrk = ensure_wrk()
     cores = cores or os.cpu_count() or 1
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", f"--timeout={timeout_s}s",
-           "-s", script_path(), url]
+           "-s", script or script_path(), url]
     env = dict(os.environ, BENCH_BODY=os.path.abspath(body_file), BENCH_CONTENT_TYPE=content_type,
-               BENCH_AUTHORIZATION=authorization)
+               BENCH_AUTHORIZATION=authorization, **(env or {}))
     with tempfile.TemporaryFile() as out:
         started = time.monotonic()
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

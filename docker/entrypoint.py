@@ -9,7 +9,11 @@ wrapper runs the command, passes SIGTERM and SIGINT on to the frontend (the laun
 shutdown hook stops the workers), reaps the processes re-parented to it, and exits with the launcher's
 exit code once no child is left.
 
-Standard library only, plus psutil when present (a TorchServe dependency); the image's Python is 3.9.
+Before starting it prepares the state folder (`TSPACK_STATE_DIR`, the image's VOLUME and working folder,
+where TorchServe writes key_file.json and the logs): it must be writable by the server's uid, and a key file
+left by a previous run is removed, so nothing reads keys that the new server no longer accepts.
+
+Standard library only, plus psutil when present (a TorchServe dependency).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Optional
 
 
@@ -81,13 +86,51 @@ def wait_all(launcher: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
 
 
+def prepare_state(state_dir: str) -> Optional[str]:
+    """Create the state folder's logs folder and drop the previous run's key file and server record (its pid
+    is meaningless in a new container); a message when the folder cannot be written."""
+    try:
+        os.makedirs(os.path.join(state_dir, "logs"), exist_ok=True)
+        for stale in ("key_file.json", "server.json"):
+            if os.path.exists(os.path.join(state_dir, stale)):
+                os.remove(os.path.join(state_dir, stale))
+    except OSError as exc:
+        return (f"state folder {state_dir} is not writable by uid {os.getuid()} ({exc.strerror}): "
+                f"give the volume to that uid (chown {os.getuid()} on the host folder) or use a named volume")
+    return None
+
+
+def record_server(argv: list[str], state_dir: str, pid: int) -> None:
+    """Write the pack's record of this server (server.json) into the state folder, so that `tspack serve
+    status`, `tspack register` and the rest work inside the container with `--run-dir <state folder>`.
+
+    Best effort: an image without tspack (or with an older one) serves the same without the record.
+    """
+    if "--ts-config" not in argv[:-1]:
+        return
+    try:
+        from archiver.server import ServerHandle
+
+        config = argv[argv.index("--ts-config") + 1]
+        ServerHandle.for_config(config, state_dir, pid, tmp_dir=tempfile.gettempdir()).save()
+    except Exception as exc:  # whatever goes wrong here must not stop the server
+        print(f"entrypoint: no tspack record in {state_dir} ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: entrypoint.py COMMAND [ARGS...]", file=sys.stderr)
         return 2
+    state_dir = os.environ.get("TSPACK_STATE_DIR")
+    problem = prepare_state(state_dir) if state_dir else None
+    if problem:
+        print(f"entrypoint: {problem}", file=sys.stderr)
+        return 1
     launcher = subprocess.Popen(argv)  # inherits stdout/stderr: TorchServe's logs reach `docker logs`
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: forward(received, launcher.pid))
+    if state_dir:
+        record_server(argv, state_dir, launcher.pid)  # after the handlers: a SIGTERM may come at any time
     code = wait_all(launcher.pid)
     launcher.returncode = code  # reaped above; tell Popen so it does not wait again
     return code

@@ -2,19 +2,19 @@
 
 Default check: `GET /ping` on TorchServe's inference API. With token authorization on (the production
 profile), /ping needs the inference key, and a missing or wrong key gets HTTP 400, not 401. TorchServe
-writes the keys into `key_file.json` in its working folder (/home/model-server in the image); the check
-reads the inference key there on every run. Inference keys expire after `token_expiration_min` (60 by
-default): when TorchServe refuses the key, the check renews it once through the management API's
-`/token?type=inference` with the API key (which does not expire), exactly as the tspack client does, and
-pings again. It never renews a key that still works, so a key a client holds stays valid until it expires.
-Healthy means HTTP 200 with status "Healthy": every model has its ready workers.
+writes the keys into `key_file.json` in its working folder (the state folder, /home/model-server/state in
+the image); the check reads the inference key there on every run. Inference keys expire after
+`token_expiration_min` (60 by default): when TorchServe refuses the key, the check renews it once through the
+management API's `/token?type=inference` with the API key (which does not expire), exactly as the tspack
+client does, and pings again. It never renews a key that still works, so a key a client holds stays valid
+until it expires. Healthy means HTTP 200 with status "Healthy": every model has its ready workers.
 
 `--liveness`: `GET /metrics` on the metrics port, which takes no token and changes nothing; it proves the
 frontend is up, not that models are loaded. (The Kubernetes manifests use an httpGet probe for this.)
 
 Ports and token mode come from the server's config.properties (bind 0.0.0.0 is reached on 127.0.0.1).
-Exit status 0 = healthy, 1 = not, with one line saying why. Standard library only: the image's Python is
-3.9, so nothing newer is used here.
+Exit status 0 = healthy, 1 = not, with one line saying why. Standard library only: it runs every few
+seconds, so it imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Optional
 
 HOME = os.environ.get("TSPACK_HOME", "/home/model-server")
 DEFAULT_CONFIG = os.environ.get("TSPACK_TS_CONFIG", os.path.join(HOME, "config", "config.properties"))
-DEFAULT_KEY_FILE = os.environ.get("TSPACK_KEY_FILE", os.path.join(HOME, "key_file.json"))
+DEFAULT_KEY_FILE = os.environ.get("TSPACK_KEY_FILE", os.path.join(
+    os.environ.get("TSPACK_STATE_DIR", os.path.join(HOME, "state")), "key_file.json"))
 TOKEN_FAILED = "Token Authorization failed"
 DEFAULTS = {"inference": "http://127.0.0.1:8080", "management": "http://127.0.0.1:8081",
             "metrics": "http://127.0.0.1:8082"}

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from typing import Any, Optional
 
 from handlers.base import is_describe_request, quiet_worker_logs, warm_up, write_answers
+from handlers.cache import cache_for
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError, TspackError
 from handlers.metrics import HandlerMetrics
@@ -55,7 +56,9 @@ class ABRouterHandler:
         shadow = self.manifest.shadow
         shadow_pipeline = Pipeline.load(os.path.join(model_dir, shadow.folder), placement) if shadow else None
         for variant in self.manifest.policy.variants:
-            self.pipelines[variant.name] = Pipeline.load(os.path.join(model_dir, variant.folder), placement)
+            # Each variant has its own cache, looked up after routing, so a sticky user keeps their variant.
+            self.pipelines[variant.name] = Pipeline.load(os.path.join(model_dir, variant.folder), placement,
+                                                         cache_for(context))
             warm_up(self.pipelines[variant.name])
         first = next(iter(self.pipelines.values())).manifest
         self.body_limit = max(body_limit(p.manifest) for p in self.pipelines.values())

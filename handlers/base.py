@@ -13,9 +13,8 @@ import os
 import time
 from typing import Any, ClassVar, Optional
 
-import numpy as np
-
 from handlers import jsonio
+from handlers.cache import cache_for
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError, TspackError
 from handlers.frontends import frontend_for
@@ -27,9 +26,6 @@ from handlers.runtimes import load_runtime
 from handlers.spec import ArtifactManifest
 
 logger = logging.getLogger(__name__)
-
-JSON = "application/json"
-
 
 def is_describe_request(context: Any) -> bool:
     """TorchServe sends `GET /models/{name}?customized=true` to the handler with header describe=True."""
@@ -44,11 +40,13 @@ def write_answers(answers: list[Answer], context: Any) -> list[bytes]:
     bodies = []
     for idx, answer in enumerate(answers):
         if context is not None and getattr(context, "request_processor", None):
-            context.set_response_content_type(idx, JSON)
+            context.set_response_content_type(idx, answer.content_type)
+            for name, value in answer.headers.items():
+                context.set_response_header(idx, name, value)
             if answer.status != 200:
                 phrase = answer.body.get("type", "error")
                 context.set_response_status(answer.status, phrase, idx)
-        bodies.append(jsonio.dumps(answer.body))
+        bodies.append(answer.raw if answer.raw is not None else jsonio.dumps(answer.body))
     return bodies
 
 
@@ -75,7 +73,7 @@ class TspackHandler:
                 f"but its handler serves '{self.frontend_name}'")
         placement = placement_for(context, manifest.runtime.intra_op_threads)
         runtime = load_runtime(manifest, self.model_dir, placement)
-        self.pipeline = Pipeline(manifest, frontend_for(manifest), runtime)
+        self.pipeline = Pipeline(manifest, frontend_for(manifest, self.model_dir), runtime, cache_for(context))
         self.metrics = HandlerMetrics(context, manifest)
         self.workflow_variant = workflow_variant(getattr(context, "model_name", None))
         warm_up(self.pipeline)
@@ -138,15 +136,16 @@ def quiet_worker_logs(context: Any) -> None:
 
 
 def warm_up(pipeline: Pipeline) -> None:
-    """Run the model twice on zeros so the first client does not pay for lazy init and JIT profiling."""
-    shape = tuple(1 if d == -1 else d for d in pipeline.manifest.input.shape)
-    if pipeline.manifest.frontend == "image" and pipeline.manifest.image is not None:
-        image = pipeline.manifest.image
-        shape = (image.channels, image.height, image.width)
-    sample = np.zeros((1, *shape), dtype=np.dtype(pipeline.manifest.input.dtype))
+    """Run the model twice on the front end's example so the first client does not pay for lazy init and JIT
+    profiling."""
+    try:
+        sample = pipeline.frontend.example_input()
+    except Exception:  # a warm-up failure is not fatal: real requests will report the problem
+        logger.warning("no warm-up example", exc_info=True)
+        return
     for _ in range(2):
         try:
-            pipeline.runtime.run(sample)
-        except Exception:  # a warm-up failure is not fatal: real requests will report the problem
+            pipeline.runtime.run(sample.inputs)
+        except Exception:
             logger.warning("warm-up run failed", exc_info=True)
             return

@@ -72,6 +72,69 @@ class UndecodableImage(UnprocessableInput):
     type = "undecodable_image"
 
 
+class MissingInput(UnprocessableInput):
+    """A model input the request does not carry."""
+
+    type = "missing_input"
+
+
+class UnknownInput(UnprocessableInput):
+    """A named input (or requested output) the model does not have."""
+
+    type = "unknown_input"
+
+
+class RowCountMismatch(UnprocessableInput):
+    """The inputs of one request disagree on their rows (the batch axis they share)."""
+
+    type = "row_count_mismatch"
+
+
+class UnknownOutput(UnknownInput):
+    """An OIP request asks for an output the model does not produce."""
+
+    type = "unknown_output"
+
+
+# OIP v2 (handlers/oip.py): the client's own framing is wrong, so these are 400 like MalformedJSON.
+
+
+class MalformedOipRequest(InvalidInput):
+    """An OIP body whose structure is wrong: no inputs, a tensor without name or shape, a bad header length."""
+
+    type = "malformed_oip_request"
+
+
+class BinarySizeMismatch(InvalidInput):
+    """OIP binary tensor data whose sizes disagree: with the body, with the shape, or BYTES element lengths."""
+
+    type = "binary_size_mismatch"
+
+
+class UnsupportedDatatype(InvalidInput):
+    """An OIP datatype outside the protocol's list (or one the model's output cannot be phrased in)."""
+
+    type = "unsupported_datatype"
+
+
+class NotText(UnprocessableInput):
+    """A text model sent a JSON value that is not a string or a list of strings."""
+
+    type = "not_text"
+
+
+class EmptyText(InvalidInput):
+    """A text (or the whole list of texts) with nothing but whitespace in it."""
+
+    type = "empty_text"
+
+
+class NotUTF8(InvalidInput):
+    """A text body, or a JSON body, whose bytes are not UTF-8."""
+
+    type = "not_utf8"
+
+
 class PayloadTooLarge(TspackError):
     status = 413
     type = "payload_too_large"
@@ -79,6 +142,12 @@ class PayloadTooLarge(TspackError):
 
 class ImageTooLarge(PayloadTooLarge):
     type = "image_too_large"
+
+
+class TooManyTexts(PayloadTooLarge):
+    """More texts in one request than the archive's `text.max_texts`."""
+
+    type = "too_many_texts"
 
 
 class UnsupportedMediaType(TspackError):

@@ -7,10 +7,11 @@ A broken metric must never break inference, so every emission failure is logged 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,18 @@ BATCHES = "tspack_batches_total"
 LATENCY = "tspack_handler_latency_seconds"
 BATCH_SIZE = "tspack_batch_size"  # requests per TorchServe batch, as the handler received them
 SHADOW = "tspack_shadow_total"
+PREDICTIONS = "tspack_predictions_total"  # top-1 labels served (drift)
+TOP1 = "tspack_top1_probability_total"  # top-1 probabilities served, by bucket (drift)
+CACHE = "tspack_cache_total"  # response cache lookups and evictions, by Outcome: hit, miss, evicted
+
+# Upper edges of the top-1 probability buckets: bucket "0.9" holds (0.75, 0.9], the first [0, 0.25]. Shared with
+# the build's prediction profile (archiver/drift.py), so served and validation histograms compare bin for bin.
+# Denser near 1, where a trained classifier's confidence lives. A counter per bucket rather than a TorchServe
+# histogram: those have the Prometheus client's fixed buckets (0.005..10, only 4 of them in (0.1, 1]) and cost
+# one emitted line per observation, while counters are summed in memory and flushed once per FLUSH_S.
+TOP1_EDGES = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
+OTHER_LABEL = "__other__"  # labels past the cap (a model without a label list): the series count stays bounded
+DEFAULT_LABEL_CAP = 1000
 
 # name -> (TorchServe metric type, unit, dimension names without Hostname)
 DECLARED = {
@@ -32,9 +45,38 @@ DECLARED = {
     LATENCY: ("histogram", "Seconds", ["ModelName", "ModelVersion"]),
     BATCH_SIZE: ("histogram", "Count", ["ModelName", "ModelVersion"]),
     SHADOW: ("counter", "Count", ["ModelName", "Primary", "Shadow", "Outcome"]),
+    PREDICTIONS: ("counter", "Count", ["ModelName", "ModelVersion", "Label"]),
+    TOP1: ("counter", "Count", ["ModelName", "ModelVersion", "Bucket"]),
+    CACHE: ("counter", "Count", ["ModelName", "ModelVersion", "Outcome"]),
 }
 
 NO_VARIANT = "none"
+
+
+def top1_bucket(probability: float) -> str:
+    """The TOP1_EDGES bucket (its upper edge, as the `Bucket` label spells it) holding `probability`."""
+    index = min(bisect.bisect_left(TOP1_EDGES, probability), len(TOP1_EDGES) - 1)
+    return bucket_name(TOP1_EDGES[index])
+
+
+def bucket_name(edge: float) -> str:
+    return f"{edge:g}"
+
+
+def top1_predictions(answers: Iterable[Any]) -> Iterator[tuple[str, float]]:
+    """(label, probability) of each row's top-1 prediction in the 200 answers of a classifier.
+
+    A body carries `predictions` (one row) or `results` (several rows, each with `predictions`), ranked.
+    """
+    for answer in answers:
+        body = getattr(answer, "body", None)
+        if answer.status != 200 or not isinstance(body, dict):
+            continue
+        rows = body.get("results") if isinstance(body.get("results"), list) else [body]
+        for row in rows:
+            ranked = row.get("predictions") if isinstance(row, dict) else None
+            if ranked and isinstance(ranked[0], dict) and "probability" in ranked[0]:
+                yield str(ranked[0].get("label")), float(ranked[0]["probability"])
 
 
 class HandlerMetrics:
@@ -56,10 +98,14 @@ class HandlerMetrics:
         self._pending: dict[tuple[str, tuple[str, ...]], float] = {}
         self._lock = threading.Lock()
         self._flusher: Optional[threading.Thread] = None
+        output = getattr(manifest, "output", None)
+        self._label_cap = len(getattr(output, "labels", None) or ()) or DEFAULT_LABEL_CAP
+        self._labels_seen: set[str] = set()
 
     def record(self, answers: Iterable[Any], stats: Any, latency_ms: float,
                version: str | None = None, variant: str = NO_VARIANT) -> None:
-        """Count requests by status and errors by type, rows and runs; observe handler latency and batch size."""
+        """Count requests by status and errors by type, rows and runs, cache outcomes; observe handler latency and
+        batch size."""
         version = version or self.version
         answers = list(answers)
         by_status: dict[str, int] = {}
@@ -72,8 +118,27 @@ class HandlerMetrics:
         if stats.runs:
             self.count(ROWS, stats.rows, (self.model, version, variant))
             self.count(BATCHES, stats.runs, (self.model, version, variant))
+        for outcome, count in stats.cache.items():
+            self.count(CACHE, count, (self.model, version, outcome))
         self.emit(LATENCY, latency_ms / 1000.0, [self.model, version])
         self.emit(BATCH_SIZE, float(len(answers)), [self.model, version])
+        self.predictions(answers, version)
+
+    def predictions(self, answers: list[Any], version: str) -> None:
+        """Count each served row's top-1 label and probability bucket (drift metrics)."""
+        try:
+            for label, probability in top1_predictions(answers):
+                if label not in self._labels_seen:
+                    if len(self._labels_seen) >= self._label_cap:
+                        label = OTHER_LABEL
+                    else:
+                        self._labels_seen.add(label)
+                self.count(PREDICTIONS, 1, (self.model, version, label))
+                self.count(TOP1, 1, (self.model, version, top1_bucket(probability)))
+        except (TypeError, ValueError, AttributeError) as exc:  # an odd answer body: keep serving, say so once
+            if PREDICTIONS not in self._warned:
+                self._warned.add(PREDICTIONS)
+                logger.warning("drift metrics not counted for an answer: %s", exc)
 
     def shadow(self, primary: str, shadow: str, outcome: str) -> None:
         self.count(SHADOW, 1, (self.model, primary, shadow, outcome))

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
+from handlers.cache import CachedAnswer, ResponseCache, Uncacheable, response_key
 from handlers.device import Placement
 from handlers.errors import InferenceFailed, TspackError, UnsupportedMediaType, error_response
-from handlers.frontends import frontend_for
+from handlers.frontends import Frontend, frontend_for
 from handlers.request import Decoded, Request
-from handlers.runtimes import load_runtime
+from handlers.runtimes import Runtime, load_runtime
 from handlers.spec import ArtifactManifest
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class Answer:
     error_type: Optional[str] = None
     rows: int = 0
     skipped: bool = False  # a workflow node that was not the chosen variant: answered without inference
+    raw: Optional[bytes] = None  # the response body as is (a binary protocol); `body` is JSON-encoded otherwise
+    content_type: str = "application/json"
+    headers: dict = field(default_factory=dict)
 
     @classmethod
     def from_error(cls, exc: BaseException) -> Answer:
@@ -61,21 +64,25 @@ class BatchStats:
     inference_ms: float = 0.0
     runs: int = 0
     errors: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # response cache outcome ("hit", "miss", "evicted") -> count
 
 
 class Pipeline:
-    """One artifact ready to serve: decode -> run -> encode."""
+    """One artifact ready to serve: decode -> (cache) -> run -> encode. `cache`: None unless the archive turns the
+    response cache on; each pipeline (each A/B variant) has its own."""
 
-    def __init__(self, manifest: ArtifactManifest, frontend: Any, runtime: Any):
+    def __init__(self, manifest: ArtifactManifest, frontend: Frontend, runtime: Runtime,
+                 cache: Optional[ResponseCache] = None):
         self.manifest = manifest
         self.frontend = frontend
         self.runtime = runtime
+        self.cache = cache
 
     @classmethod
-    def load(cls, model_dir: str, placement: Placement) -> Pipeline:
+    def load(cls, model_dir: str, placement: Placement, cache: Optional[ResponseCache] = None) -> Pipeline:
         manifest = ArtifactManifest.load(model_dir)
         runtime = load_runtime(manifest, model_dir, placement)
-        return cls(manifest, frontend_for(manifest), runtime)
+        return cls(manifest, frontend_for(manifest, model_dir), runtime, cache)
 
     @property
     def meta(self) -> dict:
@@ -102,29 +109,71 @@ class Pipeline:
         meta = self.meta if meta is None else meta
         stats = stats if stats is not None else BatchStats()
         answers: list[Optional[Answer]] = [d if isinstance(d, Answer) else None for d in decoded]
-        # Rows can only be stacked when their sample shapes agree (free axes, e.g. sequence length, may not).
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for idx, item in enumerate(decoded):
-            if isinstance(item, Decoded):
-                groups[(item.array.shape[1:], item.array.dtype.str)].append(idx)
-        for indices in groups.values():
-            self._run_group([decoded[i] for i in indices], indices, answers, meta, stats)
+        valid = [i for i, item in enumerate(decoded) if isinstance(item, Decoded)]
+        keys = self._answer_from_cache(decoded, valid, answers, meta, stats) if self.cache is not None else {}
+        valid = [i for i in valid if answers[i] is None]  # hits never join a batch
+        if valid:
+            try:
+                batches = self.frontend.collate([decoded[i] for i in valid])
+            except Exception as exc:  # a collate bug must answer every request, not lose the batch
+                logger.exception("collating a batch failed")
+                batches = []
+                for i in valid:
+                    answers[i] = Answer.from_error(exc)
+            for positions, inputs in batches:
+                indices = [valid[p] for p in positions]
+                self._run_group([decoded[i] for i in indices], indices, inputs, answers, meta, stats)
+        if keys:
+            self._fill_cache(keys, answers, stats)
         for answer in answers:
             if answer.error_type:
                 stats.errors[answer.error_type] = stats.errors.get(answer.error_type, 0) + 1
         return answers
 
-    def _run_group(self, items: list[Decoded], indices: list[int], answers: list[Optional[Answer]], meta: dict,
-                   stats: BatchStats) -> None:
-        """One runtime call for requests whose rows stack; each request then gets its own slice."""
-        batch = items[0].array if len(items) == 1 else np.concatenate([item.array for item in items])
+    def _answer_from_cache(self, decoded: list, valid: list[int], answers: list[Optional[Answer]], meta: dict,
+                           stats: BatchStats) -> dict[int, str]:
+        """Answer the requests the cache holds; returns {index: key} of the misses, filled once encoded."""
+        keys = {}
+        for i in valid:
+            try:
+                key = response_key(self.manifest.name, self.manifest.version, meta, decoded[i])
+            except Uncacheable as exc:  # runs uncached rather than risk two requests sharing an answer
+                self.cache.bypass(exc)
+                continue
+            cached = self.cache.lookup(key, stats.cache)
+            if cached is not None:
+                answers[i] = Answer(**cached.answer_fields())
+            else:
+                keys[i] = key
+        return keys
+
+    def _fill_cache(self, keys: dict[int, str], answers: list[Optional[Answer]], stats: BatchStats) -> None:
+        """Store the misses' 200 answers (errors are not cached: a failed run may succeed on retry)."""
+        for i, key in keys.items():
+            answer = answers[i]
+            if answer is None or answer.status != 200:
+                continue
+            try:
+                cached = CachedAnswer.of(answer)
+            except (TypeError, ValueError) as exc:  # a body JSON cannot hold still answers, uncached
+                self.cache.bypass(exc)
+                continue
+            answer.raw = cached.body  # the miss answers the very bytes a later hit will
+            self.cache.store(key, cached, stats.cache)
+
+    def _run_group(self, items: list[Decoded], indices: list[int], inputs: dict[str, np.ndarray],
+                   answers: list[Optional[Answer]], meta: dict, stats: BatchStats) -> None:
+        """One runtime call for requests whose rows stack; each request then gets its own slice of every output."""
+        rows = sum(item.rows for item in items)
         started = time.perf_counter()
         try:
-            outputs = self.runtime.run(batch)
-            if outputs.shape[0] != batch.shape[0]:
-                raise InferenceFailed(f"model returned {outputs.shape[0]} rows for {batch.shape[0]} inputs")
+            outputs = self.runtime.run(inputs)
+            short = [name for name, array in outputs.items() if array.shape[0] != rows]
+            if short:
+                raise InferenceFailed(f"model returned {outputs[short[0]].shape[0]} rows of '{short[0]}' "
+                                      f"for {rows} inputs")
         except Exception as exc:
-            logger.exception("inference failed for %d rows", batch.shape[0])
+            logger.exception("inference failed for %d rows", rows)
             failure = exc if isinstance(exc, TspackError) else InferenceFailed(f"inference failed: {exc}")
             for i in indices:
                 answers[i] = Answer.from_error(failure)
@@ -132,15 +181,17 @@ class Pipeline:
         finally:
             stats.inference_ms += (time.perf_counter() - started) * 1000.0
             stats.runs += 1
-        stats.rows += batch.shape[0]
+        stats.rows += rows
         offset = 0
         for item, i in zip(items, indices):
-            chunk = outputs[offset:offset + item.rows]
+            chunk = {name: array[offset:offset + item.rows] for name, array in outputs.items()}
             offset += item.rows
             try:
-                answers[i] = Answer(200, self.frontend.encode(item, chunk, meta), rows=item.rows)
+                encoded = self.frontend.encode(item, chunk, meta)
+                answers[i] = encoded if isinstance(encoded, Answer) else Answer(200, encoded, rows=item.rows)
             except Exception as exc:  # one answer that fails to encode must not cost the others
-                logger.exception("encoding an answer failed")
+                if not isinstance(exc, TspackError):
+                    logger.exception("encoding an answer failed")
                 answers[i] = Answer.from_error(exc)
 
     def describe(self) -> dict:
@@ -151,8 +202,10 @@ class Pipeline:
             "model": m.name, "version": m.version, "built_at": m.built_at, "frontend": m.frontend,
             "runtime": {**self.runtime.describe(), "format": m.runtime.format, "file": m.runtime.file,
                         "sha256": m.runtime.sha256, "quantization": m.runtime.quantization},
-            "input": to_dict(m.input), "output": to_dict(m.output),
-            "preprocessing": to_dict(m.image) if m.image else None,
+            "inputs": to_dict(m.inputs), "outputs": list(m.outputs), "output": to_dict(m.output),
+            **({"input": to_dict(m.inputs[0])} if len(m.inputs) == 1 else {}),
+            "preprocessing": to_dict(m.image) if m.image else None, "text": to_dict(m.text) if m.text else None,
             "optimizations": list(m.optimizations), "validation": m.validation,
             "max_body_bytes": m.max_body_bytes,
+            "cache": self.cache.describe() if self.cache is not None else None,
         }

@@ -29,3 +29,16 @@ def format_rows(spec: OutputSpec, outputs: np.ndarray) -> list[dict]:
             {"label": spec.label(int(i)), "index": int(i), "probability": float(row[i])} for i in ordered
         ]})
     return answers
+
+
+def answer_rows(manifest, outputs: dict[str, np.ndarray]) -> list[dict]:
+    """One dict per row. A one-output model answers as `format_rows` does; a model with several outputs answers
+    {"outputs": {name: values}} per row, plus the top-k of its primary output when it is a classifier."""
+    if len(outputs) == 1:
+        return format_rows(manifest.output, next(iter(outputs.values())))
+    primary = outputs[manifest.primary_output]
+    rows = [{"outputs": {name: array[i].tolist() for name, array in outputs.items()}} for i in range(len(primary))]
+    if manifest.output.kind == "classification":
+        for row, ranked in zip(rows, format_rows(manifest.output, primary)):
+            row.update(ranked)
+    return rows

@@ -33,21 +33,27 @@ class Request:
 
 @dataclass
 class Decoded:
-    """A request turned into model input: `array` has a leading axis of `rows` samples.
+    """A request turned into model input: every array in `inputs` has a leading axis of `rows` samples.
 
+    inputs: input name -> array, in the model's input order; all share the request's rows.
     single: the request carried one sample without a batch axis, so its answer is not a list.
-    protocol: how the request was phrased ("json", "oip", "npy", "image"); the answer mirrors it.
-    meta: protocol details the encoder needs (e.g. the OIP request id).
+    protocol: how the request was phrased ("json", "oip", "npy", "npz", "image", "text"); the answer mirrors it.
+    meta: protocol details the encoder needs (e.g. the OIP request id, requested outputs).
     """
 
-    array: np.ndarray
+    inputs: dict[str, np.ndarray]
     single: bool
     protocol: str
     meta: dict = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
-        return int(self.array.shape[0])
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    @property
+    def array(self) -> np.ndarray:
+        """The input of a one-input model."""
+        return next(iter(self.inputs.values()))
 
 
 def requests_from_batch(data: list, context: Any) -> list[Request]:

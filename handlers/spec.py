@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from handlers.errors import SpecError
+from handlers.registry import FRONTENDS, RUNTIMES
 
 MANIFEST_FILE = "tspack-manifest.json"
 INDEX_TO_NAME_FILE = "index_to_name.json"
@@ -23,14 +24,15 @@ INDEX_TO_NAME_FILE = "index_to_name.json"
 _UNION_TYPE = getattr(types, "UnionType", typing.Union)
 
 DType = Literal["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
-Frontend = Literal["tensor", "image"]
-ModelFormat = Literal["torchscript", "state_dict", "onnx"]
+Frontend = Literal[tuple(FRONTENDS)]
+ModelFormat = Literal[tuple(RUNTIMES)]
 Precision = Literal["fp32", "fp16"]
 Quantization = Literal["dynamic-int8", "static-int8", "qat-int8"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 OutputKind = Literal["classification", "raw"]
 ColorMode = Literal["L", "RGB"]
 Resample = Literal["nearest", "box", "bilinear", "bicubic", "lanczos"]
+TextPadding = Literal["longest", "max_length"]
 
 
 def parse(cls: type, data: Any, path: str = "") -> Any:
@@ -64,10 +66,26 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
         kwargs[name] = _coerce(hints[name], data[name], key_path)
     try:
         return cls(**kwargs)
-    except SpecError:
-        raise
+    except SpecError as exc:
+        raise SpecError(located(path, str(exc))) from exc
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{where}: {exc}") from exc
+
+
+def located(path: str, message: str) -> str:
+    """A validation message ("serving.batch_size: must be >= 1") under the full path of the object that raised it
+    ("models[2].serving.batch_size: must be >= 1"), so a spec with many models says which one."""
+    if not path or message.startswith(path):
+        return message
+    head, colon, rest = message.partition(":")
+    first = head.split(".", 1)[0]
+    parent, _, last = path.rpartition(".")
+    bare = last.split("[", 1)[0]
+    if colon and " " not in head and first in (last, bare, bare.rstrip("s")):
+        # The message names this object itself ("serving.batch_size" raised by models[2].serving).
+        tail = head[len(first):]
+        return f"{path}{tail}:{rest}"
+    return f"{path}.{message}" if colon and " " not in head else f"{path}: {message}"
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -151,9 +169,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise SpecError(message) unless `condition`: the one validation helper of every spec dataclass."""
     if not condition:
         raise SpecError(message)
+
+
+_require = require
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,7 @@ class OutputSpec:
     top_k: int = 5
     labels: tuple[str, ...] = ()
     softmax: bool = True
+    primary: Optional[str] = None  # the output `kind` applies to, for models with several; default: the first
 
     def __post_init__(self):
         _require(self.top_k >= 1, f"output.top_k: must be >= 1, got {self.top_k}")
@@ -252,24 +275,70 @@ class RuntimeSpec:
 
 
 @dataclass(frozen=True)
+class TextSpec:
+    """Tokenization of text requests: the archive's tokenizer.json (Hugging Face tokenizers), declared at build."""
+
+    tokenizer: str = "tokenizer.json"
+    max_length: int = 128
+    max_texts: int = 64
+    pad_id: int = 0
+    # "longest": a batch is padded to its longest row; "max_length": every row to max_length (for comparison)
+    padding: TextPadding = "longest"
+    # names of the model inputs the tokenizer fills; token_type_ids only when the model takes them
+    input_ids: str = "input_ids"
+    attention_mask: Optional[str] = "attention_mask"
+    token_type_ids: Optional[str] = None
+
+    def __post_init__(self):
+        _require(self.max_length >= 2, f"text.max_length: must be >= 2, got {self.max_length}")
+        _require(self.max_texts >= 1, f"text.max_texts: must be >= 1, got {self.max_texts}")
+
+
+@dataclass(frozen=True)
 class ArtifactManifest:
-    """Everything a handler needs to serve one artifact, plus the figures that proved it at build."""
+    """Everything a handler needs to serve one artifact, plus the figures that proved it at build.
+
+    `inputs` are the model's named inputs in call order (`input` is the one-input shorthand older archives
+    wrote); `outputs` names the model's outputs in the order the runtime returns them.
+    """
 
     name: str
     version: str
     frontend: Frontend
     runtime: RuntimeSpec
-    input: InputSpec
+    inputs: tuple[InputSpec, ...] = ()
+    input: Optional[InputSpec] = None
+    outputs: tuple[str, ...] = ("output",)
     output: OutputSpec = field(default_factory=OutputSpec)
     image: Optional[ImageSpec] = None
+    text: Optional[TextSpec] = None
     max_body_bytes: int = 8 * 1024 * 1024
     built_at: str = ""
     optimizations: tuple[str, ...] = ()
     validation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.input is not None:
+            _require(not self.inputs, "input: give `input` (one input) or `inputs`, not both")
+            object.__setattr__(self, "inputs", (self.input,))
+            object.__setattr__(self, "input", None)
+        _require(len(self.inputs) >= 1, "inputs: the model needs at least one input")
+        names = [i.name for i in self.inputs]
+        _require(len(set(names)) == len(names), f"inputs: names must be unique, got {names}")
+        _require(len(self.outputs) >= 1 and len(set(self.outputs)) == len(self.outputs),
+                 f"outputs: one or more distinct names, got {list(self.outputs)}")
+        _require(self.output.primary is None or self.output.primary in self.outputs,
+                 f"output.primary: '{self.output.primary}' is not an output; outputs: {', '.join(self.outputs)}")
         _require(self.frontend != "image" or self.image is not None, "image: required when frontend is 'image'")
+        _require(self.frontend != "text" or self.text is not None, "text: required when frontend is 'text'")
         _require(self.max_body_bytes > 0, "max_body_bytes: must be > 0")
+
+    @property
+    def primary_output(self) -> str:
+        return self.output.primary or self.outputs[0]
+
+    def input_spec(self, name: str) -> InputSpec:
+        return next(i for i in self.inputs if i.name == name)
 
     @classmethod
     def load(cls, model_dir: str) -> ArtifactManifest:

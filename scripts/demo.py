@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 STORE = "model_store"
 WORK = os.path.join(STORE, "work")
+SENTIMENT = os.path.join(WORK, "sentiment")
 CONFIG = os.path.join(STORE, "config.properties")
 RUN_DIR = os.path.join(".tspack", "server")
 KEY_FILE = os.path.join(RUN_DIR, "key_file.json")
@@ -72,6 +73,47 @@ def served_accuracy(version: str, x: np.ndarray, y: np.ndarray) -> float:
     with ThreadPoolExecutor(max_workers=8) as pool:
         predicted = list(pool.map(predict, range(len(x))))
     return float(np.mean(np.array(predicted) == y))
+
+
+def served_latency(model: str, x: np.ndarray, count: int = 300) -> tuple[float, float]:
+    """p50 and p90 (ms) of `count` sequential requests from one client: what a lone caller waits."""
+    import time
+
+    from archiver.server import ServerHandle
+
+    client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
+    times = []
+    for i in range(count + 20):
+        started = time.perf_counter()
+        client.predict(model, {"data": x[i % len(x)].tolist()}).raise_for_status()
+        if i >= 20:  # the first requests warm the connection and the worker
+            times.append((time.perf_counter() - started) * 1000.0)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 90))
+
+
+def curl_text(model: str, sentence: str, key: str) -> dict:
+    cmd = ["curl", "-s", f"{INFERENCE}/predictions/{model}", "-H", f"Authorization: Bearer {key}",
+           "-H", "Content-Type: text/plain", "--data-binary", sentence]
+    print(f'$ curl -s {INFERENCE}/predictions/{model} -H "Authorization: Bearer $KEY" -H "Content-Type: text/plain" '
+          f'--data-binary {shlex.quote(sentence)}', flush=True)
+    return json.loads(subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout)
+
+
+def served_text_accuracy(chunk: int = 64) -> float:
+    """Held-out texts sent {"texts": [...]} `chunk` at a time; the top label against the true one."""
+    from archiver.server import ServerHandle
+
+    client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
+    with open(os.path.join(SENTIMENT, "heldout.json"), encoding="utf-8") as f:
+        held_out = json.load(f)
+    texts, labels = held_out["texts"], held_out["labels"]
+    right = 0
+    for start in range(0, len(texts), chunk):
+        response = client.predict("sentiment", {"texts": texts[start:start + chunk]})
+        response.raise_for_status()
+        predicted = [row["predictions"][0]["label"] for row in response.json()["results"]]
+        right += sum(p == t for p, t in zip(predicted, labels[start:start + chunk]))
+    return right / len(texts)
 
 
 def curl_image(model: str, png: str, key: str, multipart: bool) -> dict:
@@ -156,13 +198,30 @@ def main() -> int:
     step("3. Build: TorchScript, ONNX, int8, pruned, fp16 and image variants, each validated against eager")
     tspack("build", "--spec", "config/deploy.yaml")
 
+    step("3b. A model with two named int64 inputs and a dict output, built from the command line (torch.export + "
+         "AOTInductor)")
+    run(sys.executable, "scripts/make_token_model.py", "--out", WORK)
+    tspack("build", "--name", "sequence", "--model-class", "archiver/zoo/token_classifier.py:TokenClassifier",
+           "--weights", os.path.join(WORK, "token_classifier.pt"), "--samples", os.path.join(WORK, "token_samples.npz"),
+           "--input", "input_ids:-1:int64", "--input", "attention_mask:-1:int64", "--format", "aoti",
+           "--model-store", STORE)
+
+    step("3c. A text classifier: trained here on VADER's lexicon, saved as a Hugging Face folder, built from it")
+    run(sys.executable, "scripts/train_text.py", "--out", SENTIMENT)
+    tspack("build", "--pretrained", SENTIMENT, "--frontend", "text", "--name", "sentiment", "--format", "onnx",
+           "--model-store", STORE)
+
     step("4. Generate config.properties (token auth on; model API on, to register versions)")
     tspack("serve", "stop")
-    tspack("config", "--load", "digits_v1.0.mar", "--load", "digits-image-onnx_v2.0.mar",
-           "--load", "digits-image-int8_v2.0.mar", "--enable-model-api", "--out", CONFIG)
+    startup = ("digits_v1.0.mar", "digits-image-onnx_v2.0.mar", "digits-image-int8_v2.0.mar", "digits-aoti_v2.0.mar",
+               "sequence_v1.0.mar", "sentiment_v1.0.mar")
+    loads = [arg for archive in startup for arg in ("--load", archive)]
+    tspack("config", *loads, "--enable-model-api", "--out", CONFIG)
 
-    step("5. Start TorchServe with digits 1.0 and the image + ONNX and image + int8 variants of 2.0")
-    tspack("serve", "start", "--config", CONFIG)
+    step("5. Start TorchServe with digits 1.0, the image + ONNX, image + int8 and AOTInductor variants of 2.0, and "
+         "the two-input model")
+    # --fresh: the demo deploys anew; a deployment recorded by an earlier run is set aside, not restored.
+    tspack("serve", "start", "--config", CONFIG, "--fresh")
 
     step("6. Register version 2.0 through the management API and make it the default")
     tspack("register", os.path.join(STORE, "digits_v2.0.mar"))
@@ -189,6 +248,35 @@ def main() -> int:
     for model, multipart in (("digits-image-onnx", True), ("digits-image-int8", False)):
         top = curl_image(model, png_path, key, multipart)["predictions"][0]
         print(f"  -> {model}: predicted {top['index']} (p={top['probability']:.3f}); file {png}")
+
+    step("8b. torch.export + AOTInductor: digits 2.0 as a compiled .pt2 package, served next to TorchScript")
+    body_file = os.path.join(WORK, "heldout_0.json")
+    top = curl_predict("digits-aoti", body_file, key)["predictions"][0]
+    print(f"  -> digits-aoti: predicted {top['index']} (p={top['probability']:.3f})")
+    for model in ("digits", "digits-aoti"):
+        p50, p90 = served_latency(model, x)
+        print(f"  {model:<12} ({'TorchScript' if model == 'digits' else 'AOTInductor'}): p50 {p50:.2f} ms, "
+              f"p90 {p90:.2f} ms over 300 sequential requests")
+
+    step("8c. The two-input model: JSON by input name, answered with every named output")
+    tokens_file = os.path.join(WORK, "tokens_0.json")
+    with open(tokens_file, "w", encoding="utf-8") as f:
+        json.dump({"input_ids": [[101, 7, 42, 9, 102]], "attention_mask": [[1, 1, 1, 1, 1]]}, f)
+    answer = curl_predict("sequence", tokens_file, key)
+    outputs = answer["results"][0]["outputs"]
+    print(f"  -> outputs: {', '.join(f'{name} ({len(values)} values)' for name, values in outputs.items())}; "
+          f"logits {[round(v, 4) for v in outputs['logits']]}")
+
+    step("8d. The text classifier: a sentence through curl, then the served accuracy on held-out texts")
+    with open(os.path.join(SENTIMENT, "heldout.json"), encoding="utf-8") as f:
+        held_out_texts = json.load(f)
+    # The model learnt from the lexicon's words and short phrases: curl one held-out entry of each label.
+    for label in ("negative", "positive"):
+        text = next(t for t, y in zip(held_out_texts["texts"], held_out_texts["labels"])
+                    if y == label and t.isalpha() and len(t) > 5)  # a word, not one of the lexicon's emoticons
+        top = curl_text("sentiment", text, key)["predictions"][0]
+        print(f"  -> {top['label']} (p={top['probability']:.3f}); true label {label}")
+    print(f"  sentiment: {served_text_accuracy():.1%} held-out accuracy as served", flush=True)
 
     step("9. A/B test: 1.0 vs 2.0, 50/50, sticky on X-Request-Key (router archive; the .war twin beside it)")
     tspack("register", os.path.join(STORE, "digits-ab_v1.0.mar"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 
@@ -66,3 +67,49 @@ def trained(tmp_path_factory):
     return {"root": root, "weights": str(weights), "heldout": str(root / "heldout.npz"),
             "train": str(root / "train.npz"), "finetune": f"{finetune}:finetune", "model": model,
             "x_test": x_test, "y_test": y_test, "x_train": x_train, "y_train": y_train}
+
+
+# Every int8 (and image) artifact the suite serves or inspects, from one build of the trained CNN: quantizing is
+# the slowest part of a build, so test_optimize, test_image_handler and test_image_runtimes share this store.
+INT8_ARTIFACTS = [
+    {"format": "onnx", "id": "ort-static", "quantize": {"mode": "static", "calibration_file": "TRAIN",
+                                                        "max_accuracy_drop": 0.5}},
+    {"format": "onnx", "id": "ort-dynamic", "quantize": {"mode": "dynamic"}},
+    {"format": "torchscript", "id": "torch-dynamic", "quantize": {"mode": "dynamic"}},
+    {"format": "torchscript", "id": "torch-static", "quantize": {"mode": "static", "calibration_file": "TRAIN"}},
+    {"format": "torchscript", "id": "qat", "quantize": {"mode": "qat", "finetune": "FINETUNE"}},
+    # the supported int8 path: pt2e static (X86InductorQuantizer) compiled with AOTInductor
+    {"format": "aoti", "id": "pt2e", "quantize": {"mode": "static", "calibration_file": "TRAIN"}},
+    {"format": "torchscript", "id": "image", "frontend": "image"},
+    {"format": "onnx", "id": "image-onnx", "frontend": "image"},
+    {"format": "torchscript", "id": "image-torch-int8", "frontend": "image", "quantize": {"mode": "dynamic"}},
+    {"format": "onnx", "id": "image-int8", "frontend": "image", "quantize": {
+        "mode": "static", "calibration_file": "TRAIN", "max_accuracy_drop": 0.5}},
+]
+
+
+@pytest.fixture(scope="session")
+def int8_store(trained, tmp_path_factory):
+    """The trained digits CNN 1.0 as every int8 scheme (tensor front end) and as image archives (fp32 and int8).
+
+    Returns {"store": folder, "entries": {artifact id: ArtifactReport}}; archives are `digits-<id>_v1.0.mar`.
+    A failed artifact does not fail the fixture: each test asserts that the artifacts it uses passed
+    (`support.int8_archive`).
+    Serving settings suit tests/integration/test_image_runtimes.py (a batch of 4 fills well within 300 ms).
+    """
+    from archiver.build import build
+    from archiver.spec import DeploySpec
+    from handlers.spec import parse
+
+    store = str(tmp_path_factory.mktemp("int8") / "store")
+    fill = {"TRAIN": trained["train"], "FINETUNE": trained["finetune"]}
+    artifacts = json.loads(json.dumps(INT8_ARTIFACTS))
+    for artifact in artifacts:
+        for key, value in artifact.get("quantize", {}).items():
+            artifact["quantize"][key] = fill.get(value, value)
+    model = support.digits_model("digits", "1.0", trained["weights"], trained["heldout"],
+                                 image=dict(support.IMAGE_SPEC), artifacts=artifacts,
+                                 serving={"batch_size": 4, "max_batch_delay_ms": 300, "workers": 1})
+    result = build(parse(DeploySpec, {"model_store": store, "models": [model]}), progress=False)
+    return {"store": store, "entries": {e.artifact_id: e for e in result.entries}}
+

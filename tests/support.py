@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 import zipfile
+from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
@@ -15,6 +19,7 @@ from archiver.build import build
 from archiver.server import ServerHandle, free_ports, start
 from archiver.serving import ModelEntry, ServerConfig, write_config
 from archiver.spec import DeploySpec
+from archiver.status import metric_sum, parse_prometheus
 from handlers.spec import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,3 +168,132 @@ def png_declaring(width: int, height: int) -> bytes:
     data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
     data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
     return bytes(data)
+
+
+# --- subprocesses and metrics -----------------------------------------------------------------------------
+
+CLI_TIMEOUT_S = 300
+
+
+def tspack(*args: str, cwd: Optional[str] = None, env: Optional[dict] = None,
+           timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run `tspack ARGS` as a user types it (python -m archiver.cli), with a timeout; output as text."""
+    return python("-m", "archiver.cli", *args, cwd=cwd, env=env, timeout=timeout)
+
+
+def python(*args: str, cwd: Optional[str] = None, env: Optional[dict] = None,
+           timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run this venv's Python with ARGS and the checkout on PYTHONPATH, with a timeout; output as text."""
+    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd or REPO, env=full_env,
+                          timeout=timeout)
+
+
+def metric_deltas(client: Any, before: list, wanted: dict[str, tuple[str, dict]]) -> dict[str, float]:
+    """{label: the change of `metric_sum(name, **labels)` since `before`} for wanted = {label: (name, labels)}."""
+    after = parse_prometheus(client.metrics())
+    return {label: metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+            for label, (name, labels) in wanted.items()}
+
+
+def wait_for_deltas(client: Any, before: list, wanted: dict[str, tuple[str, dict]],
+                    done: Callable[[dict[str, float]], bool], timeout_s: float = 30.0,
+                    settle_s: float = 1.5) -> dict[str, float]:
+    """Poll the metrics port until `done(deltas)`; then once more after `settle_s`, so a late flush shows.
+
+    Handler counters reach Prometheus through the worker's log, flushed every second: a fixed sleep is either
+    too short on a busy machine or wasted on an idle one. Returns the last deltas (the caller asserts them).
+    """
+    deadline = time.monotonic() + timeout_s
+    deltas = metric_deltas(client, before, wanted)
+    while not done(deltas) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        deltas = metric_deltas(client, before, wanted)
+    if settle_s:
+        time.sleep(settle_s)
+        deltas = metric_deltas(client, before, wanted)
+    return deltas
+
+
+def settled_metrics(client: Any, quiet_s: float = 2.5, timeout_s: float = 60.0) -> list:
+    """The metrics port's samples once the pack's counters have stopped moving for `quiet_s` seconds.
+
+    Take the `before` of a delta with this: counts an earlier test's traffic still holds in a worker (flushed every
+    second) or a shadow still computes would otherwise land in this test's delta.
+    """
+    deadline = time.monotonic() + timeout_s
+    samples = parse_prometheus(client.metrics())
+    pack = [s for s in samples if s[0].startswith("tspack_")]
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.25)
+        samples = parse_prometheus(client.metrics())
+        now = [s for s in samples if s[0].startswith("tspack_")]
+        if now != pack:
+            pack, quiet_since = now, time.monotonic()
+    return samples
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.25) -> Any:
+    """Poll `condition` until it returns something truthy (returned) or `timeout_s` passes (its last value)."""
+    deadline = time.monotonic() + timeout_s
+    value = condition()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        value = condition()
+    return value
+
+
+def worker_environment(client: Any, model: str) -> dict[str, str]:
+    """The environment of the first worker of `model` (its pid from the management API), from /proc."""
+    pids = [w["pid"] for d in client.describe(model) for w in d["workers"]]
+    assert pids, f"{model} has no worker"
+    with open(f"/proc/{pids[0]}/environ", "rb") as f:
+        return dict(item.split("=", 1) for item in f.read().decode().split("\0") if "=" in item)
+
+
+# --- a model with two named inputs and a dict output (archiver/zoo/token_classifier.py) -----------------
+
+TOKEN_CLASS = os.path.join(REPO, "archiver", "zoo", "token_classifier.py") + ":TokenClassifier"
+TOKEN_INPUTS = [{"name": "input_ids", "shape": [-1], "dtype": "int64"},
+                {"name": "attention_mask", "shape": [-1], "dtype": "int64"}]
+
+
+def token_samples(folder: str, rows: int = 16, length: int = 12) -> str:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 1000, (rows, length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[::2, length - 3:] = 0
+    path = os.path.join(folder, "tokens.npz")
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    return path
+
+
+def token_model(folder: str, formats: list[dict], **overrides) -> dict:
+    from archiver.zoo.token_classifier import TokenClassifier
+
+    torch.manual_seed(3)
+    weights = os.path.join(folder, "tokens.pt")
+    torch.save(TokenClassifier().state_dict(), weights)
+    model = {"name": "sequence", "version": "1.0", "source": {"model_class": TOKEN_CLASS, "weights": weights},
+             "inputs": TOKEN_INPUTS, "samples": {"file": token_samples(folder)}, "artifacts": formats,
+             "serving": {"batch_size": 8, "max_batch_delay_ms": 5, "workers": 1}}
+    model.update(overrides)
+    return model
+
+
+def token_eager(folder: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    from archiver.zoo.token_classifier import TokenClassifier
+
+    model = TokenClassifier()
+    model.load_state_dict(torch.load(os.path.join(folder, "tokens.pt"), weights_only=True))
+    with torch.inference_mode():
+        out = model.eval()(torch.from_numpy(ids), torch.from_numpy(mask))
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def int8_archive(int8_store: dict, artifact_id: str) -> str:
+    """The path of one archive of the `int8_store` fixture, after asserting that it built and passed validation."""
+    entry = int8_store["entries"][artifact_id]
+    assert entry.passed, (artifact_id, entry.error)
+    return entry.archive

@@ -28,7 +28,8 @@ from handlers.errors import (
     UndecodableImage,
     UnsupportedMediaType,
 )
-from handlers.postprocess import format_rows
+from handlers.frontends import Batch, stack_by_shape
+from handlers.postprocess import answer_rows
 from handlers.request import Decoded, Request
 from handlers.spec import ArtifactManifest, ImageSpec
 
@@ -132,16 +133,24 @@ def _decode_resized(image: Image.Image, spec: ImageSpec) -> Image.Image:
 class ImageFrontend:
     """Decodes image requests with the archive's `ImageSpec` and answers with top-k classes."""
 
-    def __init__(self, manifest: ArtifactManifest):
+    def __init__(self, manifest: ArtifactManifest, model_dir: str = ""):
         self.manifest = manifest
         self.spec = manifest.image
+        self.input_name = manifest.inputs[0].name
 
     def decode(self, request: Request) -> Decoded:
         raw = self.image_bytes(request)
-        return Decoded(preprocess(raw, self.spec)[np.newaxis], single=True, protocol="image")
+        return Decoded({self.input_name: preprocess(raw, self.spec)[np.newaxis]}, single=True, protocol="image")
 
-    def encode(self, decoded: Decoded, outputs: np.ndarray, meta: dict) -> dict:
-        return {**meta, **format_rows(self.manifest.output, outputs)[0]}
+    def example_input(self) -> Decoded:
+        shape = (1, self.spec.channels, self.spec.height, self.spec.width)
+        return Decoded({self.input_name: np.zeros(shape, dtype=np.float32)}, single=True, protocol="image")
+
+    def collate(self, items: list[Decoded]) -> list[Batch]:
+        return stack_by_shape(items)
+
+    def encode(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> dict:
+        return {**meta, **answer_rows(self.manifest, outputs)[0]}
 
     def image_bytes(self, request: Request) -> bytes:
         """The image inside the request: raw bytes, multipart field, base64 text, or JSON {"data": base64}."""

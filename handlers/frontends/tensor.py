@@ -1,9 +1,11 @@
-"""Tensor front end: JSON, Open Inference Protocol v2 and `.npy` requests -> validated arrays.
+"""Tensor front end: JSON, Open Inference Protocol v2, `.npy` and `.npz` requests -> validated named arrays.
 
-Accepted bodies (one sample of the declared shape, or up to `max_rows` stacked on a leading axis):
-- `{"data": [...]}` or a bare nested list, as JSON;
-- OIP v2: `{"inputs": [{"name": ..., "shape": [...], "datatype": "FP32", "data": [...]}]}`;
-- raw `.npy` bytes (numpy.save), any content type.
+Accepted bodies (per input: one sample of the declared shape, or up to `max_rows` stacked on a leading axis;
+every input of a request has the same number of rows):
+- `{"<input name>": [...], ...}` as JSON, one key per input; a one-input model also takes `{"data": [...]}` or
+  a bare nested list;
+- OIP v2: `{"inputs": [{"name": ..., "shape": [...], "datatype": "FP32", "data": [...]}, ...]}`;
+- raw `.npy` bytes (numpy.save; one-input models) or `.npz` bytes (numpy.savez, one array per input name).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import tokenize
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -21,16 +24,21 @@ from handlers.errors import (
     EmptyBody,
     MalformedJSON,
     MalformedPayload,
+    MissingInput,
     NonFiniteInput,
     PayloadTooLarge,
+    RowCountMismatch,
     ShapeMismatch,
+    UnknownInput,
     UnsupportedMediaType,
 )
-from handlers.postprocess import format_rows
+from handlers.frontends import Batch, stack_by_shape, zeros_example
+from handlers.postprocess import answer_rows
 from handlers.request import Decoded, Request
 from handlers.spec import ArtifactManifest, InputSpec
 
 NPY_MAGIC = b"\x93NUMPY"
+NPZ_MAGIC = b"PK\x03\x04"
 
 OIP_DATATYPES = {
     "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT32": "int32", "INT64": "int64",
@@ -42,11 +50,18 @@ JSON_TYPES = ("application/json", "text/plain", "")
 
 
 class TensorFrontend:
-    """Decodes tensor requests against the archive's `InputSpec` and encodes model outputs."""
+    """Decodes tensor requests against the archive's `InputSpec`s and encodes model outputs."""
 
-    def __init__(self, manifest: ArtifactManifest):
+    def __init__(self, manifest: ArtifactManifest, model_dir: str = ""):
         self.manifest = manifest
-        self.spec = manifest.input
+        self.specs = {spec.name: spec for spec in manifest.inputs}
+        self.spec = manifest.inputs[0]
+
+    def example_input(self) -> Decoded:
+        return zeros_example(self.manifest)
+
+    def collate(self, items: list[Decoded]) -> list[Batch]:
+        return stack_by_shape(items)
 
     def decode(self, request: Request) -> Decoded:
         payload = request.payload
@@ -55,20 +70,48 @@ class TensorFrontend:
             if payload.startswith(NPY_MAGIC):
                 self._check_size(payload)
                 return self._from_npy(payload)
+            if payload.startswith(NPZ_MAGIC):
+                self._check_size(payload)
+                return self._from_npz(payload)
             payload = self._json_from_bytes(payload, request.content_type)
         elif isinstance(payload, str):
             payload = _parse_json(payload.encode("utf-8"))
         if payload is None or payload == {} or payload == []:
-            raise EmptyBody("empty request: send {\"data\": [...]}, an OIP v2 'inputs' body or .npy bytes")
-        if isinstance(payload, dict) and "inputs" in payload:
+            raise EmptyBody(f"empty request: send {self._json_hint()}, an OIP v2 'inputs' body or .npy/.npz bytes")
+        if isinstance(payload, dict) and "inputs" in payload and "inputs" not in self.specs:
             return self._from_oip(payload)
         if isinstance(payload, dict):
-            if "data" not in payload:
-                raise MalformedJSON(f"JSON object has no 'data' or 'inputs' key (keys: {sorted(payload)[:5]})")
-            payload = payload["data"]
-        elif not isinstance(payload, list):
+            return self._from_json_object(payload)
+        if not isinstance(payload, list):
             raise MalformedJSON(f"expected a JSON object or list, got {type(payload).__name__}")
-        return self._finish(_to_array(payload, self.spec), protocol="json")
+        if len(self.specs) > 1:
+            raise MalformedJSON(f"this model takes several inputs: send {self._json_hint()}")
+        return self._finish({self.spec.name: _to_array(payload, self.spec)}, protocol="json")
+
+    def _json_hint(self) -> str:
+        if len(self.specs) == 1:
+            return '{"data": [...]}'
+        return "{" + ", ".join(f'"{name}": [...]' for name in self.specs) + "}"
+
+    def _from_json_object(self, payload: dict) -> Decoded:
+        if len(self.specs) == 1 and "data" in payload and self.spec.name not in payload:
+            return self._finish({self.spec.name: _to_array(payload["data"], self.spec)}, protocol="json")
+        known = [k for k in payload if k in self.specs]
+        if not known:
+            raise MalformedJSON(f"JSON object has none of the model's inputs; send {self._json_hint()} "
+                                f"(keys: {sorted(payload)[:5]})")
+        self._check_names(payload, where="JSON key")
+        return self._finish({name: _to_array(payload[name], self.specs[name]) for name in self.specs},
+                            protocol="json")
+
+    def _check_names(self, named: Any, where: str) -> None:
+        """Every declared input present, nothing else: an unknown name is most often a typo of a known one."""
+        unknown = [k for k in named if k not in self.specs]
+        if unknown:
+            raise UnknownInput(f"unknown input '{unknown[0]}' ({where}); this model takes: {', '.join(self.specs)}")
+        missing = [name for name in self.specs if name not in named]
+        if missing:
+            raise MissingInput(f"input '{missing[0]}' is missing; this model takes: {', '.join(self.specs)}")
 
     def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.manifest.max_body_bytes:
@@ -82,22 +125,13 @@ class TensorFrontend:
                 "form-encoded body; send JSON with 'Content-Type: application/json' or .npy bytes")
         if content_type not in JSON_TYPES and payload.lstrip()[:1] not in (b"{", b"["):
             raise UnsupportedMediaType(
-                f"content type '{content_type}' is not supported; send application/json or .npy bytes")
+                f"content type '{content_type}' is not supported; send application/json, .npy or .npz bytes")
         return _parse_json(payload)
 
-    def encode(self, decoded: Decoded, outputs: np.ndarray, meta: dict) -> dict:
+    def encode(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> dict:
         if decoded.protocol == "oip":
-            body = {"model_name": meta.get("model"), "model_version": meta.get("version")}
-            body.update({k: v for k, v in meta.items() if k not in ("model", "version")})
-            if "id" in decoded.meta:
-                body["id"] = decoded.meta["id"]
-            shape = list(outputs.shape[1:] if decoded.single else outputs.shape)
-            body["outputs"] = [{
-                "name": "output", "shape": shape, "datatype": NUMPY_TO_OIP.get(str(outputs.dtype), "FP32"),
-                "data": outputs.reshape(-1).tolist(),
-            }]
-            return body
-        rows = format_rows(self.manifest.output, outputs)
+            return self._encode_oip(decoded, outputs, meta)
+        rows = answer_rows(self.manifest, outputs)
         body = dict(meta)
         if decoded.single:
             body.update(rows[0])
@@ -105,58 +139,125 @@ class TensorFrontend:
             body["results"] = rows
         return body
 
+    def _encode_oip(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> dict:
+        body = {"model_name": meta.get("model"), "model_version": meta.get("version")}
+        body.update({k: v for k, v in meta.items() if k not in ("model", "version")})
+        if "id" in decoded.meta:
+            body["id"] = decoded.meta["id"]
+        if decoded.meta.get("parameters"):
+            body["parameters"] = decoded.meta["parameters"]
+        wanted = decoded.meta.get("outputs") or list(outputs)
+        body["outputs"] = []
+        for name in wanted:
+            array = outputs[name]
+            shape = list(array.shape[1:] if decoded.single else array.shape)
+            body["outputs"].append({"name": name, "shape": shape,
+                                    "datatype": NUMPY_TO_OIP.get(str(array.dtype), "FP32"),
+                                    "data": array.reshape(-1).tolist()})
+        return body
+
     def _from_npy(self, payload: bytes) -> Decoded:
+        if len(self.specs) > 1:
+            raise MalformedPayload(f"a .npy body holds one array; this model takes {', '.join(self.specs)}: "
+                                   "send .npz bytes (numpy.savez with one array per input name)")
         try:
             array = np.load(io.BytesIO(payload), allow_pickle=False)
         # numpy parses the header with Python's tokenizer: a damaged one raises SyntaxError or TokenError.
         except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, TypeError,
                 UnicodeDecodeError) as exc:
             raise MalformedPayload(f"body looks like .npy but does not parse: {exc}") from exc
-        return self._finish(array, protocol="npy")
+        return self._finish({self.spec.name: array}, protocol="npy")
+
+    def _from_npz(self, payload: bytes) -> Decoded:
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+                self._check_names(archive.files, where=".npz array")
+                arrays = {name: archive[name] for name in self.specs}
+        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, TypeError, UnicodeDecodeError,
+                zipfile.BadZipFile, KeyError) as exc:
+            raise MalformedPayload(f"body looks like .npz but does not parse: {exc}") from exc
+        return self._finish(arrays, protocol="npz")
 
     def _from_oip(self, payload: dict) -> Decoded:
         inputs = payload.get("inputs")
         if not isinstance(inputs, list) or not inputs:
             raise MalformedJSON("OIP 'inputs' must be a non-empty list")
-        if len(inputs) != 1:
+        if len(self.specs) == 1 and len(inputs) != 1:
             raise ShapeMismatch(f"this model takes one input tensor ('{self.spec.name}'), got {len(inputs)}")
-        tensor = inputs[0]
+        arrays: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(inputs):
+            name, array = self._oip_tensor(i, tensor)
+            if name in arrays:
+                raise MalformedJSON(f"OIP input '{name}' appears twice")
+            arrays[name] = array
+        self._check_names(arrays, where="OIP input")
+        decoded = self._finish({name: arrays[name] for name in self.specs}, protocol="oip")
+        if "id" in payload:
+            decoded.meta["id"] = payload["id"]
+        if isinstance(payload.get("parameters"), dict):
+            decoded.meta["parameters"] = payload["parameters"]
+        decoded.meta["outputs"] = self._requested_outputs(payload.get("outputs"))
+        return decoded
+
+    def _oip_tensor(self, i: int, tensor: Any) -> tuple[str, np.ndarray]:
         if not isinstance(tensor, dict):
-            raise MalformedJSON("OIP inputs[0] must be an object with name, shape, datatype and data")
+            raise MalformedJSON(f"OIP inputs[{i}] must be an object with name, shape, datatype and data")
         missing = [k for k in ("shape", "datatype", "data") if k not in tensor]
         if missing:
-            raise MalformedJSON(f"OIP inputs[0] lacks {', '.join(missing)}")
+            raise MalformedJSON(f"OIP inputs[{i}] lacks {', '.join(missing)}")
+        name = tensor.get("name")
+        if len(self.specs) == 1:
+            name = self.spec.name  # a one-input model takes its input under any name (INPUT__0 and the like)
+        if not isinstance(name, str):
+            raise MalformedJSON(f"OIP inputs[{i}] needs a 'name' (one of {', '.join(self.specs)})")
+        if name not in self.specs:
+            raise UnknownInput(f"unknown input '{name}' (OIP input); this model takes: {', '.join(self.specs)}")
         datatype = str(tensor["datatype"]).upper()
         if datatype not in OIP_DATATYPES:
             raise DTypeMismatch(
-                f"OIP datatype '{tensor['datatype']}' is not supported; use one of {sorted(OIP_DATATYPES)}")
+                f"OIP datatype '{tensor['datatype']}' of input '{name}' is not supported; "
+                f"use one of {sorted(OIP_DATATYPES)}")
         shape = tensor["shape"]
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise MalformedJSON(f"OIP shape must be a list of non-negative integers, got {shape!r}")
-        array = _to_array(tensor["data"], self.spec, declared=OIP_DATATYPES[datatype])
+            raise MalformedJSON(f"OIP shape of input '{name}' must be a list of non-negative integers, got {shape!r}")
+        array = _to_array(tensor["data"], self.specs[name], declared=OIP_DATATYPES[datatype])
         if array.size != int(np.prod(shape)):
-            raise ShapeMismatch(f"OIP data has {array.size} values but shape {shape} needs {int(np.prod(shape))}")
-        decoded = self._finish(array.reshape(shape), protocol="oip")
-        if "id" in payload:
-            decoded.meta["id"] = payload["id"]
-        return decoded
+            raise ShapeMismatch(f"OIP data of input '{name}' has {array.size} values but shape {shape} needs "
+                                f"{int(np.prod(shape))}")
+        return name, array.reshape(shape)
 
-    def _finish(self, array: np.ndarray, protocol: str) -> Decoded:
-        """Shape first (the more basic mistake), then dtype and values."""
-        decoded = self._shaped(array, protocol)
-        decoded.array = _checked_dtype(decoded.array, self.spec)
-        return decoded
+    def _requested_outputs(self, requested: Any) -> list[str]:
+        if requested is None:
+            return []
+        if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                       for o in requested):
+            raise MalformedJSON("OIP 'outputs' must be a list of objects with a 'name'")
+        names = [o["name"] for o in requested]
+        unknown = [n for n in names if n not in self.manifest.outputs]
+        if unknown:
+            raise UnknownInput(f"unknown output '{unknown[0]}'; this model has: {', '.join(self.manifest.outputs)}")
+        return names
 
-    def _shaped(self, array: np.ndarray, protocol: str) -> Decoded:
-        spec = self.spec
+    def _finish(self, arrays: dict[str, np.ndarray], protocol: str) -> Decoded:
+        """Shape first (the more basic mistake), then rows shared by every input, then dtype and values."""
+        shaped = {name: self._shaped(array, self.specs[name]) for name, array in arrays.items()}
+        singles = {single for _, single in shaped.values()}
+        rows = {name: array.shape[0] for name, (array, _) in shaped.items()}
+        if len(singles) > 1 or len(set(rows.values())) > 1:
+            shown = ", ".join(f"{name}: {'1 (no batch axis)' if shaped[name][1] else n}" for name, n in rows.items())
+            raise RowCountMismatch(f"inputs must share their rows (the batch axis); got {shown}")
+        inputs = {name: _checked_dtype(array, self.specs[name]) for name, (array, _) in shaped.items()}
+        return Decoded(inputs, single=singles.pop(), protocol=protocol)
+
+    def _shaped(self, array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, bool]:
         if _matches(array.shape, spec.shape):
-            return Decoded(array[np.newaxis], single=True, protocol=protocol)
+            return array[np.newaxis], True
         if array.ndim == len(spec.shape) + 1 and _matches(array.shape[1:], spec.shape):
             if array.shape[0] == 0:
                 raise EmptyBody("request holds zero samples")
             if array.shape[0] > spec.max_rows:
                 raise PayloadTooLarge(f"request holds {array.shape[0]} samples; at most {spec.max_rows} allowed")
-            return Decoded(array, single=False, protocol=protocol)
+            return array, False
         expected = tuple("N" if d == -1 else d for d in spec.shape)
         raise ShapeMismatch(
             f"input '{spec.name}' must have shape {_fmt(expected)} or (rows, {_fmt(expected)[1:-1]}); "

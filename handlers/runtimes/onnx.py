@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from handlers.device import Placement
+from handlers.runtimes import named_outputs
 from handlers.spec import ArtifactManifest
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def providers_for(gpu_id: int | None) -> list:
 class OnnxRuntime:
     name = "onnxruntime"
 
-    def __init__(self, manifest: ArtifactManifest, path: str, placement: Placement):
+    def __init__(self, manifest: ArtifactManifest, path: str, placement: Placement, model_dir: str = ""):
         spec = manifest.runtime
         options = ort.SessionOptions()
         options.intra_op_num_threads = placement.threads
@@ -45,19 +46,27 @@ class OnnxRuntime:
         options.graph_optimization_level = GRAPH_LEVELS[spec.graph_optimization]
         self.session = ort.InferenceSession(path, options, providers=providers_for(placement.gpu_id))
         self.providers = self.session.get_providers()
-        first = self.session.get_inputs()[0]
-        self.input_name = first.name
-        self.input_dtype = ORT_TO_NUMPY.get(first.type, np.float32)
+        self.manifest = manifest
+        session_inputs = self.session.get_inputs()
+        # Declared inputs the graph dropped (an unused attention_mask, say) are not fed: ORT refuses extra feeds.
+        self.feeds = {i.name: ORT_TO_NUMPY.get(i.type, np.float32) for i in session_inputs}
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.threads = placement.threads
         self.scheme = spec.quantization
         self.graph_optimization = spec.graph_optimization
-        logger.info("tspack onnxruntime: providers=%s threads=%d input=%s %s", self.providers, self.threads,
-                    self.input_name, first.type)
+        logger.info("tspack onnxruntime: providers=%s threads=%d inputs=%s", self.providers, self.threads,
+                    [(i.name, i.type) for i in session_inputs])
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        feed = {self.input_name: batch.astype(self.input_dtype, copy=False)}
-        out = self.session.run(None, feed)[0]
-        return out.astype(np.float32, copy=False) if out.dtype == np.float16 else out
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(self.feeds) == 1 and len(inputs) == 1:  # one-input archives of any input name
+            (name, dtype), = self.feeds.items()
+            feed = {name: next(iter(inputs.values())).astype(dtype, copy=False)}
+        else:
+            feed = {name: inputs[name].astype(dtype, copy=False) for name, dtype in self.feeds.items()}
+        values = self.session.run(None, feed)
+        out = {name: v.astype(np.float32, copy=False) if v.dtype == np.float16 else v
+               for name, v in zip(self.output_names, values)}
+        return named_outputs(self.manifest, out if set(self.manifest.outputs) <= set(out) else values)
 
     def describe(self) -> dict:
         return {

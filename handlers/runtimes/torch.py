@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import inspect
 import logging
 import os
-import sys
 
 import numpy as np
 import torch
 
 from handlers.device import Placement
 from handlers.errors import ModelLoadError
+from handlers.imports import import_file
+from handlers.runtimes import named_outputs
 from handlers.spec import ArtifactManifest
 
 logger = logging.getLogger(__name__)
@@ -32,15 +32,19 @@ def load_model_class(model_dir: str, model_class: str) -> type:
     path = os.path.join(model_dir, filename)
     if not class_name or not os.path.isfile(path):
         raise ModelLoadError(f"model_class '{model_class}': expected 'file.py:ClassName' with the file in the archive")
-    module_name = "tspack_model_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    module = import_file(path, prefix="tspack_model")
     try:
         return getattr(module, class_name)
     except AttributeError as exc:
         raise ModelLoadError(f"model_class '{model_class}': {filename} defines no class {class_name}") from exc
+
+
+def _takes_keywords(model: torch.nn.Module, names: list[str]) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return len(names) > 1 and all(name in parameters for name in names)
 
 
 class TorchRuntime:
@@ -51,6 +55,7 @@ class TorchRuntime:
 
     def __init__(self, manifest: ArtifactManifest, path: str, placement: Placement, model_dir: str):
         spec = manifest.runtime
+        self.manifest = manifest
         set_torch_threads(placement.threads)
         self.device = torch.device(placement.device)
         self.placement = placement
@@ -73,23 +78,35 @@ class TorchRuntime:
             self.half = False
         self.model = model
         self.precision = "fp16" if self.half else "fp32"
+        self.input_names = [i.name for i in manifest.inputs]
+        # An eager class is called the way its forward is written: by input name when it names them all.
+        self.by_keyword = spec.format != "torchscript" and _takes_keywords(model, self.input_names)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            x = torch.from_numpy(batch)
-            if self.device.type != "cpu":
-                x = x.to(self.device, non_blocking=True)
-            if self.half and x.is_floating_point():
-                x = x.half()
-            out = self.model(x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            elif isinstance(out, dict):
-                out = next(iter(out.values()))
-            return out.float().cpu().numpy()
+            args = []
+            for spec in self.manifest.inputs:
+                x = torch.from_numpy(inputs[spec.name])
+                if self.device.type != "cpu":
+                    x = x.to(self.device, non_blocking=True)
+                if self.half and x.is_floating_point():
+                    x = x.half()
+                args.append(x)
+            out = self.model(**dict(zip(self.input_names, args))) if self.by_keyword else self.model(*args)
+            return {name: value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+                    for name, value in named_outputs(self.manifest, out).items()}
 
     def describe(self) -> dict:
         return {
             "runtime": self.name, "device": str(self.device), "precision": self.precision,
             "intra_op_threads": torch.get_num_threads(), "torch": torch.__version__,
         }
+
+
+def torchscript_runtime(manifest: ArtifactManifest, path: str, placement: Placement, model_dir: str) -> TorchRuntime:
+    """TorchScript archives: int8 ones need the quantized engine chosen before they load."""
+    if manifest.runtime.quantization:
+        from handlers.runtimes.quantized import QuantizedTorchRuntime
+
+        return QuantizedTorchRuntime(manifest, path, placement, model_dir)
+    return TorchRuntime(manifest, path, placement, model_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,14 +14,12 @@ from archiver.build import build
 from archiver.cli import entry_from_archive
 from archiver.server import stop
 from archiver.spec import DeploySpec
-from archiver.status import metric_sum, parse_prometheus
 from handlers.routing import RoutingPolicy, Variant
 from handlers.spec import parse
 from tests import support
 
 pytestmark = pytest.mark.integration
 
-METRICS_SETTLE_S = 2.5  # HandlerMetrics flushes counters every second
 SAMPLE = {"data": np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8).tolist()}
 
 
@@ -116,6 +113,7 @@ def test_workflow_routes_like_the_router(client):
 
 
 def test_bad_input_through_the_router_and_the_workflow(client):
+    before = support.settled_metrics(client)
     bad = {"data": [1, 2]}
     response = ask(client, "alice", body=bad)
     assert response.status_code == 422 and response.json()["type"] == "shape_mismatch"
@@ -125,37 +123,53 @@ def test_bad_input_through_the_router_and_the_workflow(client):
     # TorchServe's workflow executor always answers 200: the error comes in the body, with its status.
     via_workflow = ask(client, "alice", body=bad, workflow=True).json()
     assert via_workflow["type"] == "shape_mismatch" and via_workflow["status"] == 422
+    wanted = {kind: ("tspack_errors_total", {"ModelName": "ab", "ErrorType": kind})
+              for kind in ("shape_mismatch", "invalid_route_key")}
+    deltas = support.wait_for_deltas(client, before, wanted, lambda d: all(v >= 1 for v in d.values()))
+    assert deltas == {"shape_mismatch": 1, "invalid_route_key": 1}, "the router counts its own errors"
 
 
-def test_shadow_runs_but_never_changes_the_answer(client, server, store):
-    time.sleep(METRICS_SETTLE_S)  # counters reach Prometheus at the handler's next flush
-    before = parse_prometheus(client.metrics())
+def test_shadow_runs_but_never_changes_the_answer(client, store):
+    before = support.settled_metrics(client)
+    chosen = {"a": 0, "b": 0}
     for i in range(30):
         body = ask(client, f"s{i}").json()
+        chosen[body["variant"]] += 1
         assert body["predictions"][0]["index"] == expected_top1(store, body["version"])
         assert "shadow" not in json.dumps(body)
-    time.sleep(METRICS_SETTLE_S)
-    after = parse_prometheus(client.metrics())
-    compared = sum(metric_sum(after, "tspack_shadow_total", ModelName="ab", Outcome=o)
-                   - metric_sum(before, "tspack_shadow_total", ModelName="ab", Outcome=o)
-                   for o in ("agree", "disagree", "dropped"))
-    assert compared == 30
-    for variant in ("a", "b"):
-        assert metric_sum(after, "tspack_requests_total", ModelName="ab", Variant=variant, Status="200") > 0
-    assert metric_sum(after, "tspack_errors_total", ModelName="ab", ErrorType="shape_mismatch") >= 1
+    wanted = {o: ("tspack_shadow_total", {"ModelName": "ab", "Outcome": o})
+              for o in ("agree", "disagree", "error", "dropped")}
+    wanted.update({v: ("tspack_requests_total", {"ModelName": "ab", "Variant": v, "Status": "200"}) for v in chosen})
+    deltas = support.wait_for_deltas(client, before, wanted,
+                                     lambda d: sum(d[o] for o in ("agree", "disagree", "error", "dropped")) >= 30)
+    assert deltas["agree"] + deltas["disagree"] + deltas["error"] + deltas["dropped"] == 30, deltas
+    assert {v: deltas[v] for v in chosen} == chosen
 
 
-def test_variant_swap_to_a_new_version_while_serving(client, store):
+@pytest.fixture
+def router_1_restored(client):
+    """The swap test replaces router 1.0 by 2.0; put 1.0 back as the default for the tests that follow."""
+    yield
+    versions = {v["modelVersion"] for v in client.versions("ab")}
+    if "1.0" not in versions:
+        client.register("ab_v1.0.mar")
+    client.set_default("ab", "1.0")
+    if "2.0" in versions:
+        client.unregister("ab", "2.0")
+
+
+def test_variant_swap_to_a_new_version_while_serving(client, store, router_1_restored):
     """Router 2.0 replaces variant b (digits 2.0 -> 3.0) under load: no failed request, then b is 3.0."""
     keys = [f"swap-{i}" for i in range(40)]
     b_keys = [k for k in keys if ask(client, k).json()["variant"] == "b"]
     assert b_keys
-    stop_flag, failures, versions = threading.Event(), [], set()
+    stop_flag, failures, versions, answered = threading.Event(), [], set(), []
 
     def load() -> None:
         while not stop_flag.is_set():
             for key in keys:
                 response = ask(client, key)
+                answered.append(response.status_code)
                 if response.status_code != 200:
                     failures.append(response.status_code)
                 else:
@@ -167,9 +181,10 @@ def test_variant_swap_to_a_new_version_while_serving(client, store):
     try:
         client.register("ab_v2.0.mar")
         client.set_default("ab", "2.0")
-        time.sleep(1.0)
+        assert support.wait_until(lambda: "3.0" in versions), "router 2.0 never answered after the switch"
         client.unregister("ab", "1.0")
-        time.sleep(0.5)
+        served = len(answered)
+        assert support.wait_until(lambda: len(answered) >= served + 40), "no traffic after retiring 1.0"
     finally:
         stop_flag.set()
         for t in threads:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,13 @@ from tests import support
 pytestmark = pytest.mark.integration
 
 
-def tspack(*args: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "archiver.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": support.REPO}, timeout=300)
+tspack = support.tspack
+
+
+def version_rows(stdout: str) -> dict[str, str]:
+    """{version: its row} of `tspack versions`' table (the lines under the header that start with a version)."""
+    lines = [line for line in stdout.splitlines()[2:] if line.split()]
+    return {line.split()[0]: line for line in lines if line.split()[0][0].isdigit()}
 
 
 def test_config_serve_register_versions_predict_status_unregister_stop(digits_store, tmp_path):
@@ -46,7 +48,7 @@ def test_config_serve_register_versions_predict_status_unregister_stop(digits_st
 
         listed = tspack("versions", "digits", "--run-dir", run_dir, cwd=work)
         assert listed.returncode == 0, listed.stderr
-        rows = {line.split()[0]: line for line in listed.stdout.splitlines()[2:]}
+        rows = version_rows(listed.stdout)
         assert set(rows) == {"1.0", "2.0"}
         assert " * " in rows["2.0"] and " * " not in rows["1.0"]
         assert all("1/1 ready" in row and "torchscript" in row for row in rows.values())
@@ -75,7 +77,7 @@ def test_config_serve_register_versions_predict_status_unregister_stop(digits_st
         retired = tspack("unregister", "digits", "1.0", "--run-dir", run_dir, cwd=work)
         assert retired.returncode == 0, retired.stderr
         listed = tspack("versions", "digits", "--run-dir", run_dir, cwd=work)
-        assert [line.split()[0] for line in listed.stdout.splitlines()[2:]] == ["2.0"]
+        assert list(version_rows(listed.stdout)) == ["2.0"]
     finally:
         stopped = tspack("serve", "stop", "--run-dir", run_dir, cwd=work)
         stop(run_dir, quiet=True)

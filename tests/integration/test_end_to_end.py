@@ -16,7 +16,6 @@ import requests
 from archiver.cli import entry_from_archive
 from archiver.errors import ServerError
 from archiver.server import stop
-from archiver.status import metric_sum, parse_prometheus
 from tests import support
 
 pytestmark = pytest.mark.integration
@@ -104,7 +103,7 @@ def test_one_torchserve_batch_mixes_valid_and_malformed_requests(client, digits_
     bodies = [json.dumps({"data": row.tolist()}).encode() for row in x] + [
         b'{"data": [1, 2', json.dumps({"data": [[0.0] * 8] * 8}).encode(), b""]
     expected_status = [200] * 5 + [400, 422, 400]
-    before = parse_prometheus(client.metrics())
+    before = support.settled_metrics(client)
     results: list = [None] * len(bodies)
     barrier = threading.Barrier(len(bodies))
 
@@ -122,15 +121,15 @@ def test_one_torchserve_batch_mixes_valid_and_malformed_requests(client, digits_
     assert [r.json()["predictions"][0]["index"] for r in results[:5]] == want.tolist()
     assert [r.json()["type"] for r in results[5:]] == ["malformed_json", "shape_mismatch", "empty_body"]
     assert all(r.headers["content-type"] == "application/json" for r in results)
-    time.sleep(2.5)  # counters reach Prometheus at the handler's next flush (every second)
-    after = parse_prometheus(client.metrics())
-    runs = metric_sum(after, "tspack_batches_total", ModelName="batched") - metric_sum(
-        before, "tspack_batches_total", ModelName="batched")
-    rows = metric_sum(after, "tspack_rows_total", ModelName="batched") - metric_sum(
-        before, "tspack_rows_total", ModelName="batched")
-    assert (runs, rows) == (1, 5), "the 8 concurrent requests should have formed one TorchServe batch"
-    errors = metric_sum(after, "tspack_errors_total", ModelName="batched", ErrorType="malformed_json")
-    assert errors >= 1
+    wanted = {"runs": ("tspack_batches_total", {"ModelName": "batched"}),
+              "rows": ("tspack_rows_total", {"ModelName": "batched"}),
+              "batches": ("tspack_batch_size_count", {"ModelName": "batched"}),
+              "requests": ("tspack_batch_size_sum", {"ModelName": "batched"})}
+    wanted.update({kind: ("tspack_errors_total", {"ModelName": "batched", "ErrorType": kind})
+                   for kind in ("malformed_json", "shape_mismatch", "empty_body")})
+    deltas = support.wait_for_deltas(client, before, wanted, lambda d: d["rows"] >= 5 and d["empty_body"] >= 1)
+    assert deltas == {"runs": 1, "rows": 5, "batches": 1, "requests": 8, "malformed_json": 1, "shape_mismatch": 1,
+                      "empty_body": 1}, "the 8 concurrent requests should have formed one TorchServe batch"
 
 
 def test_body_over_the_configured_size_gets_a_json_413(client):
@@ -162,3 +161,10 @@ def test_worker_that_dies_at_start_fails_fast_with_its_error(store, server, tmp_
                              [entry_from_archive("digits_v1.0.mar", str(tampered_store))])
     assert time.monotonic() - started < 60
     assert server.client().ping()["status"] == "Healthy"
+
+
+def test_workers_get_a_passive_omp_wait_policy_unless_one_is_set(client):
+    """`tspack serve start` sets OMP_WAIT_POLICY=PASSIVE for workers; one already in its environment is kept
+    (tests/integration/test_operate.py starts a server with one set)."""
+    assert support.worker_environment(client, "digits")["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY",
+                                                                                            "PASSIVE")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
@@ -16,29 +15,21 @@ from tests import support
 
 pytestmark = pytest.mark.integration
 
-ARCHIVES = {
+ARCHIVES = {  # archives of the session's int8_store (tests/conftest.py): serving batch 4, delay 300 ms
     "digits-image": "torchscript",
     "digits-image-onnx": "onnxruntime",
     "digits-image-int8": "onnxruntime-int8",
-    "digits-int8": "torchscript-int8",
+    "digits-torch-dynamic": "torchscript-int8",
 }
 
 
 @pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("image-runtimes")
-    store = str(root / "store")
-    static = {"mode": "static", "calibration_file": trained["train"], "max_accuracy_drop": 0.5}
-    model = support.digits_model(
-        "digits", "1.0", trained["weights"], trained["heldout"], image=dict(support.IMAGE_SPEC),
-        serving={"batch_size": 4, "max_batch_delay_ms": 300, "workers": 1},
-        artifacts=[{"format": "torchscript", "id": "image", "frontend": "image"},
-                   {"format": "onnx", "id": "image-onnx", "frontend": "image"},
-                   {"format": "onnx", "id": "image-int8", "frontend": "image", "quantize": static},
-                   {"format": "torchscript", "id": "int8", "quantize": {"mode": "dynamic"}}])
-    support.build_models(store, [model])
+def server(int8_store, tmp_path_factory):
+    store = int8_store["store"]
+    for name in ARCHIVES:
+        support.int8_archive(int8_store, name.removeprefix("digits-"))
     entries = [entry_from_archive(f"{name}_v1.0.mar", store) for name in ARCHIVES]
-    handle = support.start_server(str(root), store, entries)
+    handle = support.start_server(str(tmp_path_factory.mktemp("image-runtimes")), store, entries)
     yield handle
     stop(handle.run_dir)
 
@@ -57,7 +48,7 @@ def test_each_runtime_reports_itself(server):
     for name, runtime in ARCHIVES.items():
         described = client.describe(name, "1.0", customized=True)[0]["customizedMetadata"]
         assert described["runtime"]["runtime"] == runtime
-        if "int8" in name:
+        if "int8" in runtime:
             assert described["runtime"]["quantization"] in ("static-int8", "dynamic-int8")
         assert described["validation"]["passed"] is True
 
@@ -86,7 +77,7 @@ def test_fp32_image_runtimes_agree_with_eager(server, held_out, name):
 def test_int8_runtimes_keep_top1_agreement(server, held_out):
     client = server.client()
     image_int8 = [r.json() for r in predict_all(client, "digits-image-int8", pngs=held_out["pngs"])]
-    tensor_int8 = [r.json() for r in predict_all(client, "digits-int8", rows=held_out["pixels"])]
+    tensor_int8 = [r.json() for r in predict_all(client, "digits-torch-dynamic", rows=held_out["pixels"])]
     expected = held_out["eager"].argmax(1)
     for answers in (image_int8, tensor_int8):
         agreement = np.mean([a["predictions"][0]["index"] == e for a, e in zip(answers, expected)])
@@ -105,6 +96,8 @@ def test_one_corrupt_image_among_three_good_in_one_batch(server, held_out):
     bodies = [held_out["pngs"][1], held_out["pngs"][2][:40], held_out["pngs"][3], held_out["pngs"][4]]
     results: list = [None] * 4
     barrier = threading.Barrier(4)
+    histogram = {part: (f"tspack_batch_size_{part}", {"ModelName": "digits-image-onnx"}) for part in ("count", "sum")}
+    before = support.settled_metrics(client)
 
     def send(i: int) -> None:
         barrier.wait()
@@ -119,4 +112,6 @@ def test_one_corrupt_image_among_three_good_in_one_batch(server, held_out):
     assert results[1].json()["type"] == "undecodable_image"
     for i, r in zip((1, 3, 4), (results[0], results[2], results[3])):
         assert r.json()["predictions"][0]["index"] == int(held_out["eager"][i].argmax())
-    assert os.path.isdir(server.log_dir)
+    # the batch-size histogram proves the four requests reached the handler as one TorchServe batch
+    deltas = support.wait_for_deltas(client, before, histogram, lambda d: d["count"] >= 1)
+    assert deltas == {"count": 1, "sum": 4}, deltas

@@ -6,8 +6,11 @@ One server serves every scenario of this module; the production-profile server s
 checks. Timing bounds are not asserted here (the machine is shared): recovery itself is, with generous
 deadlines; `make reliability` asserts "throughput back within 10 s" and "503s within 500 ms".
 
-Order matters: the monitoring and bad-input checks count on a quiet server, the swap retires digits 1.0, the
-crash and the soak run on the version the swap left, and the known product issues come last.
+The scenarios are a sequence, as `make reliability` runs them: the monitoring and bad-input checks count on a
+quiet server, the swap retires digits 1.0, the crash and the soak run on the version the swap left, and the known
+product issues come last. Each test asks for its scenario's result; the first test to run (in whatever order
+pytest picks, reversed included) runs every scenario up to the one it needs, in the sequence's order, and keeps
+the results for the others.
 """
 
 from __future__ import annotations
@@ -26,15 +29,40 @@ SETTINGS = reliability.Settings.ci()
 SHOWN = ("title", "load", "duration_s", "requests", "failures", "recovery", "passed")
 
 
+SEQUENCE = ("metrics", "status", "bad_input", "security", "swap", "crash", "overload", "soak")
+
+
+class Scenarios:
+    """Runs the scenarios in SEQUENCE order, each once, whichever test asks first; keeps results and errors."""
+
+    def __init__(self, rig):
+        self.rig = rig
+        self.done: dict[str, object] = {}
+
+    def run_up_to(self, last: str) -> None:
+        for name in SEQUENCE[:SEQUENCE.index(last) + 1]:
+            if name not in self.done:
+                try:
+                    self.done[name] = reliability.run_scenario(name, self.rig, SETTINGS)
+                except Exception as exc:  # reported by that scenario's own test; the sequence goes on
+                    self.done[name] = exc
+
+    def result(self, name: str) -> dict:
+        self.run_up_to(name)
+        if isinstance(self.done[name], Exception):
+            raise self.done[name]
+        return self.done[name]
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     rig = prepare(str(tmp_path_factory.mktemp("reliability")))
-    yield rig
+    yield Scenarios(rig)
     rig.stop()
 
 
-def run(name: str, rig) -> dict:
-    result = reliability.run_scenario(name, rig, SETTINGS)
+def run(name: str, scenarios: Scenarios) -> dict:
+    result = scenarios.result(name)
     print(json.dumps({k: result[k] for k in SHOWN}, default=str))
     assert result["passed"], reliability.failed_checks(result)
     return result
@@ -96,9 +124,10 @@ KNOWN = [(issue.id, issue.target) for issue in inputs.KNOWN_ISSUES]
 @pytest.mark.parametrize("issue_id,target", KNOWN)
 def test_known_product_issue_is_fixed(rig, issue_id, target):
     """Each product issue this suite found (all fixed since), replayed live as a regression test."""
+    rig.run_up_to(SEQUENCE[-1])  # the whole sequence first: the known issues come last
     issue, case = next((i, c) for i, c in inputs.known_cases(SETTINGS.known_issue_body_mb)
                        if (i.id, i.target) == (issue_id, target))
-    row = reliability.run_known_issue(rig, issue, case) if case else reliability.run_probe(rig, issue)
+    row = reliability.run_known_issue(rig.rig, issue, case) if case else reliability.run_probe(rig.rig, issue)
     print(json.dumps(row, default=str))
     assert row["serving_again_after_s"] is not None, "the deployment did not serve normally again"
     assert row["fixed"], f"expected {row['expected']}, got {row['got']}"

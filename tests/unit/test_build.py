@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -137,9 +135,9 @@ def test_state_dict_artifact_ships_its_model_class(tmp_path, digits_store):
 @pytest.mark.parametrize("change,message", [
     ({"source": {"model_class": "/nope/model.py:Net", "weights": "/nope/w.pt"}}, "source.model_class: file not found"),
     ({"tolerance": "small"}, "tolerance: expected a number, got 'small'"),
-    ({"artifacts": [{"format": "tflite"}]}, "format: 'tflite' is not allowed; choose one of 'torchscript', 'onnx'"),
+    ({"artifacts": [{"format": "tflite"}]}, "format: 'tflite' is not allowed; choose one of 'aoti', 'onnx', 'torchscript'"),
     ({"colour": "red"}, "unknown key 'colour'"),
-    ({"input": {"shape": [3]}}, "samples.file: inputs have shape (32, 1, 8, 8), expected (N, 3)"),
+    ({"input": {"shape": [3]}}, "samples.file: 'x' has shape (32, 1, 8, 8), expected (N, 3)"),
 ])
 def test_bad_spec_is_refused_naming_the_key(tmp_path, digits_store, change, message):
     store = str(tmp_path / "store")
@@ -156,15 +154,14 @@ def test_cli_prints_one_line_errors_and_exit_codes(tmp_path, digits_store):
     model = support.digits_model("digits", "1.0", digits_store["weights"]["1.0"])
     model["source"]["weights"] = "missing.pt"
     spec_file.write_text(yaml.safe_dump({"model_store": str(tmp_path / "store"), "models": [model]}))
-    tspack = [sys.executable, "-m", "archiver.cli"]
-    bad = subprocess.run(tspack + ["build", "--spec", str(spec_file), "--quiet"], capture_output=True, text=True)
+    bad = support.tspack("build", "--spec", str(spec_file), "--quiet")
     assert bad.returncode == 2
     missing = tmp_path / "missing.pt"
     assert bad.stderr.strip() == f"tspack build: models.digits.source.weights: file not found: {missing}"
-    good = subprocess.run(tspack + ["build", "--quiet", "--name", "flags", "--model-class", support.DIGITS_CLASS,
-                                    "--weights", digits_store["weights"]["1.0"], "--input-shape", "1,8,8",
-                                    "--format", "torchscript", "state_dict", "--labels", ",".join(support.LABELS),
-                                    "--model-store", str(tmp_path / "store2")], capture_output=True, text=True)
+    good = support.tspack("build", "--quiet", "--name", "flags", "--model-class", support.DIGITS_CLASS,
+                          "--weights", digits_store["weights"]["1.0"], "--input-shape", "1,8,8",
+                          "--format", "torchscript", "state_dict", "--labels", ",".join(support.LABELS),
+                          "--model-store", str(tmp_path / "store2"))
     assert good.returncode == 0, good.stderr
     assert "flags@1.0" in good.stdout and "flags-state_dict@1.0" in good.stdout and "PASS" in good.stdout
     report = json.loads((tmp_path / "store2" / "build_report.json").read_text())
@@ -207,9 +204,8 @@ def test_an_artifact_that_crashes_is_reported_and_the_others_still_build(tmp_pat
 def test_cli_exits_1_when_an_artifact_fails_validation(tmp_path):
     model_class, weights = small_model(tmp_path, CONTROL_FLOW, "Branchy")
     store = tmp_path / "store"
-    run = subprocess.run([sys.executable, "-m", "archiver.cli", "build", "--quiet", "--name", "branchy",
-                          "--model-class", model_class, "--weights", weights, "--input-shape", "4",
-                          "--batch-size", "1", "--model-store", str(store)], capture_output=True, text=True)
+    run = support.tspack("build", "--quiet", "--name", "branchy", "--model-class", model_class, "--weights",
+                         weights, "--input-shape", "4", "--batch-size", "1", "--model-store", str(store))
     assert run.returncode == 1, run.stderr
     assert "FAIL" in run.stdout and "use method: script" in run.stdout
     assert run.stderr.strip() == "tspack build: 1 artifact(s) failed validation: branchy@1.0"

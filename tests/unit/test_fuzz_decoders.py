@@ -356,7 +356,7 @@ def test_requests_from_batch(batch, with_context):
         assert all(isinstance(k, str) and k == k.lower() and isinstance(v, str) for k, v in request.headers.items())
 
 
-# --- found by this fuzzing, not fixed in the product yet (see RELIABILITY.md "Known product issues") -------
+# --- found by this fuzzing or the reliability matrix, fixed since: kept as regression tests ------------------
 
 
 @FUZZ

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -93,15 +91,13 @@ def test_build_and_config_for_a_multi_gpu_host(tmp_path, digits_store):
     with zipfile.ZipFile(result.entries[0].archive) as z:
         config = yaml.safe_load(z.read("model-config.yaml"))
     assert (config["deviceType"], config["deviceIds"], config["minWorkers"]) == ("gpu", [2, 3], 4)
-    tspack = [sys.executable, "-m", "archiver.cli", "config", "--model-store", store, "--load", "digits_v1.0.mar"]
-    four = subprocess.run(tspack + ["--gpus", "4", "--out", str(tmp_path / "c4.properties")], capture_output=True,
-                          text=True)
+    config = ("config", "--model-store", store, "--load", "digits_v1.0.mar")
+    four = support.tspack(*config, "--gpus", "4", "--out", str(tmp_path / "c4.properties"))
     assert four.returncode == 0, four.stderr
     assert "number_of_gpu=4" in (tmp_path / "c4.properties").read_text()
     row = [line for line in four.stdout.splitlines() if line.startswith("digits ") and "gpu" not in line][-1]
     assert row.split() == ["digits", "-", "-", "2", "2", "-"]
-    two = subprocess.run(tspack + ["--gpus", "2", "--out", str(tmp_path / "c2.properties")], capture_output=True,
-                         text=True)
+    two = support.tspack(*config, "--gpus", "2", "--out", str(tmp_path / "c2.properties"))
     assert two.returncode == 2 and "places workers on GPUs [2, 3], but this host has 2" in two.stderr
     with pytest.raises(SpecError, match=r"models.digits.serving.devices: GPU 2 does not exist"):
         build(parse(DeploySpec, {"model_store": str(tmp_path / "s2"), "models": [model], "gpus": 2}), progress=False)

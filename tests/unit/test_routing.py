@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -36,9 +32,9 @@ def test_stable_hash_does_not_depend_on_the_process():
     code = "from handlers.routing import stable_fraction; print(stable_fraction('exp', 'user-42'))"
     outputs = set()
     for seed in ("0", "1", "random"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=support.REPO)
-        outputs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                                   check=True).stdout.strip())
+        done = support.python("-c", code, env={"PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout.strip())
     assert outputs == {repr(stable_fraction("exp", "user-42"))}
 
 
@@ -145,15 +141,21 @@ def test_shadow_queue_drops_instead_of_growing(digits_dir):
     from handlers.pipeline import Answer, Pipeline
 
     pipeline = Pipeline.load(digits_dir, Placement("cpu", None, 1))
-    gate = threading.Event()
+    taken, gate = threading.Event(), threading.Event()
     process = pipeline.process
-    pipeline.process = lambda *a, **k: gate.wait(10) and process(*a, **k)
+
+    def blocked_process(*args, **kwargs):
+        taken.set()  # the shadow thread holds the first pair: the queue is empty again
+        assert gate.wait(10)
+        return process(*args, **kwargs)
+
+    pipeline.process = blocked_process
     outcomes: list = []
     runner = ShadowRunner(pipeline, "shadow", lambda p, s, o: outcomes.append(o), queue_size=2)
     body = Request(payload=json.dumps({"data": np.zeros((1, 8, 8)).tolist()}).encode(), content_type="application/json")
     answer = Answer(200, {"predictions": [{"index": -1}]})
     runner.submit("a", [(body, answer)])  # taken by the thread, blocked on the gate
-    time.sleep(0.2)
+    assert taken.wait(10)
     runner.submit("a", [(body, answer)] * 4)  # two fit in the queue, two are dropped
     assert outcomes.count("dropped") == 2
     gate.set()

@@ -6,8 +6,12 @@
 - Nothing in handlers/ or archiver/ unpickles a module: `torch.load` always with `weights_only=True`, no
   pickle/dill/joblib/marshal loads, no `np.load(allow_pickle=True)`, no unsafe YAML, no eval/exec; a weights
   file that is a pickled object is refused by the serving runtime without running it.
-- That handlers refuse weights whose SHA-256 differs from the build's is proved against a real TorchServe in
-  tests/integration/test_end_to_end.py::test_worker_that_dies_at_start_fails_fast_with_its_error.
+- Handlers refuse weights whose SHA-256 differs from the one the build recorded (handlers/integrity.py): in
+  process in tests/unit/test_tensor_handler.py::test_tampered_weights_are_refused, and against a real TorchServe
+  in tests/integration/test_end_to_end.py::test_worker_that_dies_at_start_fails_fast_with_its_error.
+
+This file owns the assertions on what the production config keeps closed; tests/unit/test_config.py checks the
+rest of the rendering.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pytest
 import torch
 
 from archiver.cli import main as tspack_main
-from archiver.serving import ServerConfig, read_properties, write_config
+from archiver.serving import ARCHIVE_NAME, ServerConfig, read_properties, write_config
 from archiver.spec import ModelSpec
 from handlers.spec import ImageSpec
 from tests.support import REPO
@@ -182,6 +186,15 @@ def test_allowed_urls_is_the_local_model_store_only(production):
     for url in ("http://127.0.0.1:8000/evil.mar", "https://example.com/evil.mar", "file:///tmp/evil.mar",
                 f"file://{store}-other/evil.mar", f"s3://{store}/evil.mar"):
         assert not pattern.fullmatch(url), url
+
+
+def test_allowed_urls_is_the_escaped_store_path(tmp_path):
+    store = tmp_path / "my store+1"
+    props = read_properties(write_config(ServerConfig(model_store=str(store)), str(tmp_path / "c.properties")))
+    assert props["allowed_urls"] == "file://" + re.escape(str(store)) + "/" + ARCHIVE_NAME
+    pattern = re.compile(props["allowed_urls"])
+    assert pattern.fullmatch(f"file://{store}/digits.mar")
+    assert not pattern.fullmatch(f"file://{tmp_path}/my storee1/digits.mar"), "'+' must match only itself"
 
 
 def test_allowed_urls_refuses_encoded_dot_segments(production):

@@ -188,7 +188,24 @@ def test_archive_for_another_frontend_is_refused(digits_dir):
         ImageOnly().initialize(support.make_context(digits_dir))
 
 
-def test_metrics_are_emitted_through_torchserve(digits_dir, tmp_path):
+def emitted_counts(records) -> dict[tuple[str, str], float]:
+    """{(metric name, "Dim:value,..."): summed value} from TorchServe's `[METRICS]name.Unit:value|#dims|...` lines."""
+    counts: dict[tuple[str, str], float] = {}
+    for record in records:
+        line = record.getMessage()
+        if not line.startswith("[METRICS]"):
+            continue
+        head, dims = line[len("[METRICS]"):].split("|#")[:2]
+        name, value = head.rsplit(":", 1)
+        key = (name.rsplit(".", 1)[0], dims)
+        counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
+def test_metrics_are_emitted_through_torchserve(digits_dir, tmp_path, caplog):
+    """The lines a worker writes for the frontend to parse: requests by status, errors by type, rows, batches."""
+    import logging
+
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
     from archiver.serving import metrics_config_text
@@ -200,16 +217,24 @@ def test_metrics_are_emitted_through_torchserve(digits_dir, tmp_path):
     h = TensorHandler()
     h.initialize(support.make_context(digits_dir, metrics=cache))
     cache.model_name = "digits"
-    data = support.torchserve_batch(h.context, [(b"{}", "application/json"),
-                                                (json.dumps(sample(0).tolist()).encode(), "application/json")])
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    caplog.clear()
+    bodies = [(b'{"data": [1, 2', "application/json"), (json.dumps(sample(0).tolist()).encode(), "application/json"),
+              (json.dumps(sample(1).tolist()).encode(), "application/json"), (b"", "application/json")]
+    data = support.torchserve_batch(h.context, bodies)
     cache.set_request_ids(h.context.request_ids)
     h.handle(data, h.context)
-    from ts.metrics.metric_type_enum import MetricTypes
-
-    requests = cache.get_metric("tspack_requests_total", MetricTypes.COUNTER)
-    assert requests.dimension_names == ["ModelName", "ModelVersion", "Variant", "Status"]
-    h.metrics.flush()  # counters are summed in memory and flushed every second in a worker
-    assert h.metrics._warned == set()
+    h.metrics.flush()  # counters are summed in memory and flushed every second in a worker; flush now
+    counts = emitted_counts(caplog.records)
+    model = "ModelName:digits,ModelVersion:1.0"
+    assert {dims: v for (name, dims), v in counts.items() if name == "tspack_requests_total"} == {
+        f"{model},Variant:none,Status:200": 2, f"{model},Variant:none,Status:400": 2}
+    assert {dims: v for (name, dims), v in counts.items() if name == "tspack_errors_total"} == {
+        f"{model},Variant:none,ErrorType:malformed_json": 1, f"{model},Variant:none,ErrorType:empty_body": 1}
+    assert counts[("tspack_rows_total", f"{model},Variant:none")] == 2
+    assert counts[("tspack_batches_total", f"{model},Variant:none")] == 1
+    assert counts[("tspack_batch_size", model)] == 4, "the histogram observes the TorchServe batch: 4 requests"
+    assert h.metrics._warned == set(), "every metric the handler emits is declared in the metrics config"
 
 
 def test_labels_come_from_index_to_name_json(digits_dir):

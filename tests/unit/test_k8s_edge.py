@@ -1,0 +1,102 @@
+"""`tspack k8s` options: the rate-limiting Ingress (issue 21) and the state PersistentVolumeClaim (issue 20).
+
+Validated offline against the Kubernetes schemas bundled by `kubernetes-validate`, like the other manifests
+(tests/unit/test_docker_k8s.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+import pytest
+import yaml
+
+from archiver.k8s import STATE_DIR, K8sConfig, add_k8s_parser, render_manifests, write_manifests
+from handlers.errors import SpecError
+
+K8S_VERSION = "1.37.0"
+EDGE = K8sConfig(name="digits", rate_limit=20, ingress_host="models.example.com", state_claim="digits-state",
+                 state_size="2Gi", replicas=1, max_replicas=1)
+
+
+def _by_kind(config: K8sConfig) -> dict[str, dict]:
+    return {m["kind"]: m for m in render_manifests(config)}
+
+
+@pytest.mark.parametrize("config", [EDGE, K8sConfig(rate_limit=5), K8sConfig(state_claim="s", max_replicas=1),
+                                    K8sConfig(gpu=1, state_claim="s", max_replicas=1, state_storage_class="fast-ssd")])
+def test_manifests_validate_against_the_kubernetes_schemas(config):
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed (dev extra: kubernetes-validate==1.37.0)")
+    for manifest in render_manifests(config):
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+def test_no_option_no_extra_manifest():
+    assert list(_by_kind(K8sConfig())) == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+
+
+def test_rate_limit_ingress_exposes_only_the_inference_port():
+    kinds = _by_kind(EDGE)
+    ingress = kinds["Ingress"]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/limit-rps"] == "20"
+    assert annotations["nginx.ingress.kubernetes.io/limit-burst-multiplier"] == "5"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "64m"  # not ingress-nginx's 1m
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "models.example.com"
+    backends = [p["backend"]["service"] for p in rule["http"]["paths"]]
+    assert backends == [{"name": "digits", "port": {"name": "inference"}}]
+    service_ports = {p["name"] for p in kinds["Service"]["spec"]["ports"]}
+    assert "inference" in service_ports  # the port name the Ingress points at exists
+    assert "host" not in _by_kind(K8sConfig(rate_limit=1))["Ingress"]["spec"]["rules"][0]
+
+
+def test_state_claim_is_mounted_at_the_image_state_folder():
+    kinds = _by_kind(EDGE)
+    claim = kinds["PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == "digits-state"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}
+    deployment = kinds["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "state", "persistentVolumeClaim": {"claimName": "digits-state"}}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "state", "mountPath": STATE_DIR}]
+    assert pod["securityContext"]["fsGroup"] == 1000 and pod["securityContext"]["runAsNonRoot"] is True
+    # the old pod must let go of the claim before the new one mounts it
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert _by_kind(K8sConfig())["Deployment"]["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"rate_limit": -1}, "rate_limit"),
+    ({"ingress_class": "Nginx Class"}, "ingress_class"),
+    ({"ingress_host": "http://models.example.com"}, "ingress_host"),
+    ({"state_claim": "State_Claim", "max_replicas": 1}, "state_claim"),
+    ({"state_claim": "state"}, "state_claim"),  # max_replicas 4 by default: replicas would share one claim
+    ({"state_claim": "state", "max_replicas": 1, "state_size": "lots"}, "state_size"),
+    ({"state_claim": "state", "max_replicas": 1, "state_storage_class": "Fast SSD"}, "state_storage_class"),
+])
+def test_bad_options_are_refused_naming_the_key(kwargs, key):
+    with pytest.raises(SpecError, match="^" + re.escape(key) + ":"):
+        K8sConfig(**kwargs)
+
+
+def test_cli_writes_and_later_drops_the_optional_manifests(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="tspack")
+    add_k8s_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "k8s"
+    args = parser.parse_args(["k8s", "--rate-limit", "10", "--state-claim", "tspack-state", "--max-replicas", "1",
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    assert "limit-req-status-code" in capsys.readouterr().out  # says how to get 429 instead of 503
+    assert sorted(os.listdir(out)) == ["deployment.yaml", "hpa.yaml", "ingress.yaml", "pvc.yaml", "service.yaml"]
+    with open(out / "ingress.yaml", encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith("# Generated by `tspack k8s`")
+    assert yaml.safe_load(text)["metadata"]["annotations"]["nginx.ingress.kubernetes.io/limit-rps"] == "10"
+    (out / "mine.yaml").write_text("kind: ConfigMap\n")
+    write_manifests(K8sConfig(), str(out))  # the flags dropped: `kubectl apply -f` must not find the old files
+    assert sorted(os.listdir(out)) == ["deployment.yaml", "hpa.yaml", "mine.yaml", "service.yaml"]

@@ -347,10 +347,30 @@ def groups_table(groups: dict) -> list[str]:
             ratio = "baseline" if system == group["baseline"] else \
                 f"{speedup(groups, key, system, group['baseline']):.2f}x"
             first = index == 0
-            title, before, after = (group["title"], _load(group["load_before"]), _load(group["load_after"])) \
+            title = f"{group['title']}: {group['rounds']} rounds x {group['turn_s']:.2g} s" + (
+                f", remeasured {group['remeasured']}" if group.get("remeasured") else "")
+            title, before, after = (title, _load(group["load_before"]), _load(group["load_after"])) \
                 if first else ("", "", "")
             lines.append(f"| {title} | {system} | {value:.3f} | {group['batch'] * 1e3 / value:,.0f} | {ratio} | "
                          f"{before} | {after} |")
+    return lines
+
+
+def earlier_timings(groups: dict) -> list[str]:
+    """A sentence per comparison timed more than once: the ratios of the timings the table no longer shows."""
+    lines = []
+    for key, group in groups.items():
+        earlier = group.get("earlier_timings") or []
+        if not earlier:
+            continue
+        shown = []
+        for timing in earlier:
+            one = {key: timing}
+            ratios_text = ", ".join(f"{name} {speedup(one, key, name, timing['baseline']):.2f}x"
+                                    for name in timing["systems"] if name != timing["baseline"])
+            shown.append(f"{timing['rounds']} rounds x {timing['turn_s']:.2g} s, load {_load(timing['load_before'])}"
+                         f" -> {_load(timing['load_after'])}: {ratios_text}")
+        lines += ["", f"Earlier timings of {group['title']} (vs {group['baseline']}): " + "; ".join(shown) + "."]
     return lines
 
 
@@ -367,9 +387,10 @@ def int8_text(result: dict) -> list[str]:
     pt2e, torch_ao = ms(groups, "mlp-b32-1t", "mlp-1t-aoti-int8"), ms(groups, "mlp-b32-1t", "mlp-int8")
     fp32, aoti = ms(groups, "mlp-b32-1t", "mlp"), ms(groups, "mlp-b32-1t", "mlp-1t-aoti")
     faster = r["mlp_pt2e_int8_over_torch_ao_int8_b32_1t"]
-    verdict = (f"pt2e is {faster:.2f}x the deprecated path's speed, so the supported path loses nothing"
+    verdict = (f"pt2e + AOTInductor runs at {faster:.2f}x the deprecated path's speed: the supported path loses "
+               "nothing"
                if faster >= 1.0 else
-               f"the deprecated torch.ao path is still {1 / faster:.2f}x faster than pt2e here; it stays available "
+               f"The deprecated torch.ao path is still {1 / faster:.2f}x faster than pt2e here; it stays available "
                "(format torchscript) while it measures faster, and pt2e + AOTInductor is the supported path")
     notes = "; ".join(result.get("int8_notes", [])) or "–"
     return [
@@ -383,26 +404,33 @@ def int8_text(result: dict) -> list[str]:
     ]
 
 
+def _command(command: str) -> str:
+    return command if "`" in command else f"`{command}`"
+
+
 def markdown(result: dict) -> str:
     r = result["ratios"]
     lines = [MARKERS[0], "## Optimization benchmark (in-process)", "",
-             f"Machine: {result['machine']}. Date: {result['date']}. Command: `{result['command']}` "
-             f"({result['seconds']:.0f} s). Threads: as each comparison states, equal for the systems compared "
-             "(torch intra-op, ORT intra-op; aoti packages compiled for that count). Timing: systems compared are "
-             f"run in {result['rounds']} interleaved rounds (A, B, A, B ..., order reversed every round); ratios are "
+             f"Machine: {result['machine']}. Date: {result['date']}. Command: {_command(result['command'])} (the "
+             f"full run: {result['seconds']:.0f} s; waiting for the load average to fall, all timings: "
+             f"{result.get('waited_for_load_s', 0):.0f} s). Threads: as each comparison states, equal for the "
+             "systems compared (torch intra-op, ORT intra-op; aoti packages compiled for that count). Timing: "
+             "systems compared are run in interleaved rounds (A, B, A, B ..., order reversed every round); ratios are "
              "medians of the per-round ratios. Load average (1/5/15 min) before the builds: "
              f"{_load(result['load']['before_build'])}; the host's 2 cores are shared with other work, so ratios "
              "are the figures to read, absolute speeds vary with the load.", ""]
     lines += targets_table(r)
     lines += ["", f"Best int8 artifact (2 threads): `{r['best_int8_artifact']}`.", ""]
     lines += groups_table(result["groups"])
+    lines += earlier_timings(result["groups"])
     if "mlp-b32-1t" in result["groups"]:
         lines += [""] + int8_text(result)
     frozen = result["frozen"]
     if frozen:
         lines += ["", f"`{FROZEN}`: the same ResNet-18 program compiled by calling "
               "`archiver.optimize.aoti.compile_aoti(..., freezing=True)` (the build leaves freezing off for fp32: "
-              f"it made the digits CNN several times slower at batch 1); max abs error vs eager "
+              "archiver/optimize/aoti.py notes it made the digits CNN about 5x slower at batch 1, not re-measured "
+              f"here); max abs error vs eager "
               f"{frozen['max_abs_error']:.2e}; export + compile {frozen['builds'][0]['build_s']:.1f} s with a fresh "
               f"cache, {frozen['builds'][1]['build_s']:.1f} s warm."]
     lines += ["", "Build time of each artifact (`build_s` of the build report: export + compile, without validation "
@@ -439,6 +467,7 @@ def plot(result: dict, path: str) -> None:
                    "#2a9d5c" if "aoti" in n else "#3b7dd8" for n in names]
         bars = ax.barh(names, values, color=colours)
         ax.bar_label(bars, fmt="%.0f", padding=3, fontsize=8)
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
         ax.set_title(groups[key]["title"] + ": samples/s")
         ax.set_xlabel("samples / s (higher is better)")
     r = result["ratios"]
@@ -506,10 +535,15 @@ def main() -> int:
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds of waiting for load, whole run")
     parser.add_argument("--from-json", action="store_true",
                         help="only render optimize.png and BENCHMARKS.md again from benchmarks/results/optimize.json")
+    parser.add_argument("--remeasure", nargs="+", choices=[g.key for g in GROUPS], metavar="GROUP",
+                        help="time these comparisons again on the archives of the last run (no rebuild) and update "
+                             f"benchmarks/results/optimize.json; groups: {', '.join(g.key for g in GROUPS)}")
     args = parser.parse_args()
     if args.from_json:
         with open(os.path.join(RESULTS, "optimize.json"), encoding="utf-8") as f:
             return render(json.load(f))
+    if args.remeasure:
+        return remeasure(args)
     from tqdm import tqdm
 
     started = time.time()
@@ -561,6 +595,49 @@ def main() -> int:
     out["ratios"] = ratios(rows, groups)
     out["seconds"] = time.time() - started
     with open(os.path.join(RESULTS, "optimize.json"), "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2)
+    return render(out)
+
+
+def remeasure(args: argparse.Namespace) -> int:
+    """Time some comparisons again with the archives the last full run built, and merge them into its results."""
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    path = os.path.join(RESULTS, "optimize.json")
+    with open(path, encoding="utf-8") as f:
+        out = json.load(f)
+    store = os.path.join(WORK, "store")
+    entries = {name.removesuffix("_v1.0.mar"): SimpleNamespace(archive=os.path.join(store, name))
+               for name in os.listdir(store) if name.endswith("_v1.0.mar")}
+    weights, inputs = prepare_data()
+    groups = [g for g in GROUPS if g.key in args.remeasure]
+    frozen = {}
+    if any(FROZEN in g.systems for g in groups):
+        cache = tempfile.mkdtemp(prefix="tspack-bench-aoti-cache-")
+        try:
+            frozen_path, frozen = frozen_resnet(weights["resnet"], entries["resnet-aoti"].archive, cache)
+            frozen["path"] = frozen_path
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    load_system = loader(entries, weights, frozen)
+    quiet = Quiet(args.max_load, args.max_wait)
+    bar = tqdm(total=sum(len(g.systems) * args.rounds for g in groups), desc="timing", unit="turn")
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    for group in groups:
+        before = dict(out["groups"].get(group.key, {}))
+        earlier = before.pop("earlier_timings", []) + ([before] if before else [])
+        out["groups"][group.key] = {**measure_group(group, load_system, inputs, args.rounds, args.seconds, quiet, bar),
+                                    "remeasured": when, "earlier_timings": earlier}
+    bar.close()
+    for row in out["rows"]:
+        measured = [g for g in ("mlp-b32-2t", "cnn-b32-2t") if row["artifact"] in out["groups"][g]["systems"]]
+        row["samples_per_s_b32"] = 32e3 / ms(out["groups"], measured[0], row["artifact"]) if measured else None
+    out["ratios"] = ratios(out["rows"], out["groups"])
+    out["waited_for_load_s"] = out.get("waited_for_load_s", 0) + quiet.waited_s
+    out["command"] += f"; then `{' '.join(['benchmarks/optimize_bench.py', *sys.argv[1:]])}` ({when})"
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
     return render(out)
 

@@ -11,9 +11,14 @@ exit code once no child is left.
 
 Before starting it prepares the state folder (`TSPACK_STATE_DIR`, the image's VOLUME and working folder,
 where TorchServe writes key_file.json and the logs): it must be writable by the server's uid, and a key file
-left by a previous run is removed, so nothing reads keys that the new server no longer accepts.
+left by a previous run is removed, so nothing reads keys that the new server no longer accepts. When the
+folder holds a deployment record (deployment.json, kept by the `tspack` commands that change the
+deployment), TorchServe starts with that deployment, as `tspack serve start` would: the same
+archiver.restore functions check the archives and write the effective config. Once TorchServe runs, the
+pack's record of the server (server.json) is written there too, for the `tspack` commands.
 
-Standard library only, plus psutil when present (a TorchServe dependency).
+Standard library only, plus psutil when present, and tspack (archiver) for the records: without it, the
+command runs as given.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Optional
+import threading
+from typing import Any, Optional
 
 
 def children_of(pid: int) -> list[int]:
@@ -100,9 +106,39 @@ def prepare_state(state_dir: str) -> Optional[str]:
     return None
 
 
-def record_server(argv: list[str], state_dir: str, pid: int) -> None:
+def plan_restore(argv: list[str], state_dir: str) -> tuple[list[str], Any]:
+    """The command with `--ts-config` pointed at the effective config of the deployment recorded in the state
+    folder (`tspack serve start`'s restore: archives hashed and checked, refused ones named), and the plan.
+
+    Without a record, or without tspack, the command is unchanged. When restoring is impossible (every
+    recorded archive refused, an unreadable record) the image's own config starts, and the record is left
+    as it is for a later start that can use it.
+    """
+    if "--ts-config" not in argv[:-1]:
+        return argv, None
+    at = argv.index("--ts-config") + 1
+    try:
+        from archiver.restore import prepare
+
+        prepared = prepare(argv[at], state_dir)
+    except ImportError:
+        return argv, None
+    except Exception as exc:  # whatever goes wrong, the image's own config still serves
+        print(f"entrypoint: not restoring the recorded deployment ({type(exc).__name__}: {exc}); "
+              f"starting from {argv[at]}", file=sys.stderr)
+        return argv, None
+    for refused in prepared.refused:
+        print(f"entrypoint: REFUSED {refused}", file=sys.stderr)
+    if prepared.source == "record":
+        print(f"entrypoint: restoring {len(prepared.restored)} recorded version(s) from {state_dir}", file=sys.stderr)
+    return argv[:at] + [prepared.config_path] + argv[at + 1:], prepared
+
+
+def record_server(argv: list[str], state_dir: str, pid: int, prepared: Any) -> None:
     """Write the pack's record of this server (server.json) into the state folder, so that `tspack serve
-    status`, `tspack register` and the rest work inside the container with `--run-dir <state folder>`.
+    status`, `tspack register` and the rest work inside the container with `--run-dir <state folder>`; then,
+    in the background, once TorchServe is ready, finish what `tspack serve start` finishes: scale restored
+    versions to their recorded workers and record the deployment.
 
     Best effort: an image without tspack (or with an older one) serves the same without the record.
     """
@@ -112,9 +148,27 @@ def record_server(argv: list[str], state_dir: str, pid: int) -> None:
         from archiver.server import ServerHandle
 
         config = argv[argv.index("--ts-config") + 1]
-        ServerHandle.for_config(config, state_dir, pid, tmp_dir=tempfile.gettempdir()).save()
+        handle = ServerHandle.for_config(config, state_dir, pid, tmp_dir=tempfile.gettempdir())
+        handle.save()
     except Exception as exc:  # whatever goes wrong here must not stop the server
         print(f"entrypoint: no tspack record in {state_dir} ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return
+    if prepared is not None:
+        threading.Thread(target=finish_restore, args=(handle, prepared), daemon=True).start()
+
+
+def finish_restore(handle: Any, prepared: Any, timeout_s: float = 300.0) -> None:
+    try:
+        from archiver.restore import finish
+        from archiver.server import wait_ready
+
+        wait_ready(handle, None, [], timeout_s)
+        serving = finish(handle, prepared, timeout_s)
+        print(f"entrypoint: deployment recorded in {handle.run_dir}: "
+              + ", ".join(f"{r.model} {r.version}" + (" (default)" if r.default else "") for r in serving),
+              file=sys.stderr)
+    except Exception as exc:  # the server serves what it loaded; only the record or the scaling is missing
+        print(f"entrypoint: could not finish the restore ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
@@ -126,11 +180,14 @@ def main(argv: list[str]) -> int:
     if problem:
         print(f"entrypoint: {problem}", file=sys.stderr)
         return 1
+    prepared = None
+    if state_dir:
+        argv, prepared = plan_restore(argv, state_dir)
     launcher = subprocess.Popen(argv)  # inherits stdout/stderr: TorchServe's logs reach `docker logs`
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: forward(received, launcher.pid))
     if state_dir:
-        record_server(argv, state_dir, launcher.pid)  # after the handlers: a SIGTERM may come at any time
+        record_server(argv, state_dir, launcher.pid, prepared)  # after the handlers: SIGTERM may come any time
     code = wait_all(launcher.pid)
     launcher.returncode = code  # reaped above; tell Popen so it does not wait again
     return code

@@ -19,7 +19,7 @@ from handlers.device import placement_for
 from handlers.errors import ModelLoadError, TspackError
 from handlers.frontends import frontend_for
 from handlers.metrics import NO_VARIANT, HandlerMetrics
-from handlers.pipeline import Answer, BatchStats, Pipeline
+from handlers.pipeline import Answer, BatchStats, Pipeline, bridge_safe
 from handlers.request import Decoded, Request, requests_from_batch
 from handlers.routing import SKIPPED, unwrap, workflow_variant
 from handlers.runtimes import load_runtime
@@ -87,11 +87,12 @@ class TspackHandler:
             return [json.dumps(self.describe())]
         started = time.perf_counter()
         stats = BatchStats()
-        decoded = [self.decode(request) for request in requests_from_batch(data, context)]
+        requests = requests_from_batch(data, context)
+        decoded = [self.decode(request) for request in requests]
         meta = self.pipeline.meta
         if self.workflow_variant:
             meta["variant"] = self.workflow_variant
-        answers = self.pipeline.infer(decoded, meta, stats)
+        answers = [bridge_safe(r, a, meta) for r, a in zip(requests, self.pipeline.infer(decoded, meta, stats))]
         served = [a for a in answers if not a.skipped]
         if served:
             self.metrics.record(served, stats, (time.perf_counter() - started) * 1000.0,

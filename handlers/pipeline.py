@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 
+from handlers import jsonio, oip
 from handlers.cache import CachedAnswer, ResponseCache, Uncacheable, response_key
 from handlers.device import Placement
 from handlers.errors import InferenceFailed, TspackError, UnsupportedMediaType, error_response
@@ -54,6 +55,19 @@ def refuse_form_body(request: Request) -> None:
     if content_type == "application/x-www-form-urlencoded":
         raise UnsupportedMediaType("form-encoded body; send JSON with 'Content-Type: application/json', "
                                    "image bytes, or a multipart upload (curl -F)")
+
+
+def bridge_safe(request: Request, answer: Answer, meta: dict) -> Answer:
+    """TorchServe 0.12's OIP gRPC bridge reads every answer as an OIP response, whatever its status, and an
+    `{"error": ...}` body makes it throw, which kills the worker and its batch: refuse with an `error` output."""
+    if answer.ok or not oip.is_grpc_bridge(request.headers, request.payload):
+        return answer
+    try:
+        request_id = jsonio.loads(request.payload).get("id")
+    except Exception:  # the refusal may be about this very body; the id is a courtesy
+        request_id = None
+    body = oip.grpc_error_body(meta.get("model"), meta.get("version"), request_id, str(answer.body.get("error")))
+    return replace(answer, raw=body)
 
 
 @dataclass
@@ -102,7 +116,8 @@ class Pipeline:
                 stats: Optional[BatchStats] = None) -> list[Answer]:
         """Answer every request; the valid ones share one runtime call per input shape."""
         decoded = [self.decode(r) for r in requests]
-        return self.infer(decoded, meta, stats)
+        answers = self.infer(decoded, meta, stats)
+        return [bridge_safe(r, a, self.meta if meta is None else meta) for r, a in zip(requests, answers)]
 
     def infer(self, decoded: list[Decoded | Answer], meta: Optional[dict] = None,
               stats: Optional[BatchStats] = None) -> list[Answer]:

@@ -81,7 +81,7 @@ def check_versions(image: str) -> list[str]:
     differ = []
     for line in inside.splitlines():
         name, _, version = line.partition("==")
-        key = name.lower().replace("_", "-")
+        key = name.split(" @ ")[0].strip().lower().replace("_", "-")  # tspack: "tspack @ file:///...whl"
         if key != "tspack" and norm.get(key) != version:
             differ.append(f"{name}: image {version}, venv {norm.get(key, 'absent')}")
     print(f"  {len(inside.splitlines())} packages in the image; differing from the venv: {differ or 'none'}")
@@ -248,7 +248,9 @@ def write_readme(results: dict) -> None:
         f"| container start to ready (`/ping` Healthy, the demo's three archives) | {results['ready_s']:.1f} s "
         f"(limit 15 s) |",
         f"| container start to Docker's `healthy` (checks every 5 s) | {results['docker_healthy_s']:.1f} s |",
-        f"| restart on the same state volume, start to ready | {results['restart_ready_s']:.1f} s |",
+        f"| restart on the same state volume, start to ready | {results['restart_ready_s']:.1f} s "
+        f"({'deployment restored from the record' if results.get('restored_from_record') else 'no record restored'})"
+        " |",
         f"| SIGTERM under load (8 keep-alive clients), {GRACE_S} s grace | exited {s['stop_s']:.1f} s after "
         f"SIGTERM, code {s['exit_code']}; {s['2xx']} answered 2xx, {s['5xx']} 5xx, {s['dropped']} dropped; "
         f"after SIGTERM: {s['closed_after_sigterm']} closed unanswered on a kept-alive connection, "
@@ -267,7 +269,9 @@ def write_readme(results: dict) -> None:
 
 
 def run_checks(image: str, container: str, body_file: str, body: dict) -> dict:
-    results: dict = {"image": image, "date": dt.date.today().isoformat(), "host": f"{os.cpu_count()} CPUs"}
+    engine = sh("docker", "info", "--format", "{{.ServerVersion}} {{.Driver}}", show=False).split()
+    results: dict = {"image": image, "date": dt.date.today().isoformat(),
+                     "host": f"{os.cpu_count()} CPUs, Docker {engine[0]}, storage driver {engine[-1]}"}
     step("2. The same versions as the venv that built and validated the archives")
     results["version_drift"] = check_versions(image)
     results["size_gb"] = int(inspect(image, "{{.Size}}")) / 1e9
@@ -287,6 +291,12 @@ def run_checks(image: str, container: str, body_file: str, body: dict) -> dict:
     top = predict_with_curl(inference, key, body_file)["predictions"][0]
     print(f"  -> predicted {top['index']} ({top['label']}, p={top['probability']:.3f})")
     results["metrics_lines"] = len(read_metrics(metrics))
+    # The entrypoint records the server in the state folder, so the pack's own commands work in the container.
+    status = subprocess.run(["docker", "exec", container, "tspack", "serve", "status", "--run-dir", STATE],
+                            text=True, capture_output=True)
+    print(f"$ docker exec {container} tspack serve status --run-dir {STATE}\n"
+          + "\n".join("  " + line for line in (status.stdout + status.stderr).strip().splitlines()[:8]))
+    results["tspack_status_rc"] = status.returncode
 
     step(f"5. SIGTERM under load: exit within {GRACE_S} s, no 5xx, nothing dropped")
     results["sigterm"] = sigterm_under_load(container, inference, key, body)
@@ -295,6 +305,12 @@ def run_checks(image: str, container: str, body_file: str, body: dict) -> dict:
     sh("docker", "start", container)
     results["restart_ready_s"], _, _ = wait_ready(container, inference)
     print(f"  start to ready: {results['restart_ready_s']:.1f} s")
+    # The first start recorded the deployment in the state volume; this one must have restored it.
+    logs = subprocess.run(["docker", "logs", container], text=True, capture_output=True)
+    said = [line for line in (logs.stdout + logs.stderr).splitlines() if line.startswith("entrypoint:")]
+    for line in said:
+        print("  " + line)
+    results["restored_from_record"] = any("restoring" in line for line in said)
     sh("docker", "stop", "--time", str(GRACE_S), container)
     return results
 

@@ -14,11 +14,11 @@ import io
 import json
 import tokenize
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from handlers import jsonio
+from handlers import jsonio, oip
 from handlers.errors import (
     DTypeMismatch,
     EmptyBody,
@@ -30,12 +30,16 @@ from handlers.errors import (
     RowCountMismatch,
     ShapeMismatch,
     UnknownInput,
+    UnknownOutput,
     UnsupportedMediaType,
 )
 from handlers.frontends import Batch, stack_by_shape, zeros_example
 from handlers.postprocess import answer_rows
 from handlers.request import Decoded, Request
 from handlers.spec import ArtifactManifest, InputSpec
+
+if TYPE_CHECKING:
+    from handlers.pipeline import Answer
 
 NPY_MAGIC = b"\x93NUMPY"
 NPZ_MAGIC = b"PK\x03\x04"
@@ -65,21 +69,17 @@ class TensorFrontend:
 
     def decode(self, request: Request) -> Decoded:
         payload = request.payload
+        grpc = oip.is_grpc_bridge(request.headers, payload)
         if isinstance(payload, (bytes, bytearray, memoryview)):
-            payload = bytes(payload)
-            if payload.startswith(NPY_MAGIC):
-                self._check_size(payload)
-                return self._from_npy(payload)
-            if payload.startswith(NPZ_MAGIC):
-                self._check_size(payload)
-                return self._from_npz(payload)
-            payload = self._json_from_bytes(payload, request.content_type)
+            payload = self._from_bytes(bytes(payload), request)
+            if isinstance(payload, Decoded):
+                return payload
         elif isinstance(payload, str):
             payload = _parse_json(payload.encode("utf-8"))
         if payload is None or payload == {} or payload == []:
             raise EmptyBody(f"empty request: send {self._json_hint()}, an OIP v2 'inputs' body or .npy/.npz bytes")
         if isinstance(payload, dict) and "inputs" in payload and "inputs" not in self.specs:
-            return self._from_oip(payload)
+            return self._from_oip(oip.parse_document(payload, grpc=grpc), grpc)
         if isinstance(payload, dict):
             return self._from_json_object(payload)
         if not isinstance(payload, list):
@@ -87,6 +87,20 @@ class TensorFrontend:
         if len(self.specs) > 1:
             raise MalformedJSON(f"this model takes several inputs: send {self._json_hint()}")
         return self._finish({self.spec.name: _to_array(payload, self.spec)}, protocol="json")
+
+    def _from_bytes(self, payload: bytes, request: Request) -> Decoded | Any:
+        """Binary bodies decoded at once; JSON bodies parsed (the caller reads them)."""
+        header_length = request.header(oip.HEADER_LENGTH)
+        if header_length is not None:  # OIP binary tensor extension: a JSON header, then raw tensor bytes
+            self._check_size(payload)
+            return self._from_oip(oip.parse_request(payload, header_length))
+        if payload.startswith(NPY_MAGIC):
+            self._check_size(payload)
+            return self._from_npy(payload)
+        if payload.startswith(NPZ_MAGIC):
+            self._check_size(payload)
+            return self._from_npz(payload)
+        return self._json_from_bytes(payload, request.content_type)
 
     def _json_hint(self) -> str:
         if len(self.specs) == 1:
@@ -139,22 +153,16 @@ class TensorFrontend:
             body["results"] = rows
         return body
 
-    def _encode_oip(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> dict:
-        body = {"model_name": meta.get("model"), "model_version": meta.get("version")}
-        body.update({k: v for k, v in meta.items() if k not in ("model", "version")})
-        if "id" in decoded.meta:
-            body["id"] = decoded.meta["id"]
-        if decoded.meta.get("parameters"):
-            body["parameters"] = decoded.meta["parameters"]
-        wanted = decoded.meta.get("outputs") or list(outputs)
-        body["outputs"] = []
-        for name in wanted:
-            array = outputs[name]
-            shape = list(array.shape[1:] if decoded.single else array.shape)
-            body["outputs"].append({"name": name, "shape": shape,
-                                    "datatype": NUMPY_TO_OIP.get(str(array.dtype), "FP32"),
-                                    "data": array.reshape(-1).tolist()})
-        return body
+    def _encode_oip(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> Answer:
+        from handlers.pipeline import Answer  # the pipeline imports the front ends
+
+        if decoded.single:
+            outputs = {name: array[0] for name, array in outputs.items()}
+        extra = {k: v for k, v in meta.items() if k not in ("model", "version")}
+        response = oip.encode_response(meta.get("model"), meta.get("version"), outputs, decoded.meta,
+                                       grpc=decoded.meta.get("grpc", False), extra=extra)
+        return Answer(200, {}, rows=decoded.rows, raw=response.body, content_type=response.content_type,
+                      headers=response.headers)
 
     def _from_npy(self, payload: bytes) -> Decoded:
         if len(self.specs) > 1:
@@ -178,65 +186,19 @@ class TensorFrontend:
             raise MalformedPayload(f"body looks like .npz but does not parse: {exc}") from exc
         return self._finish(arrays, protocol="npz")
 
-    def _from_oip(self, payload: dict) -> Decoded:
-        inputs = payload.get("inputs")
-        if not isinstance(inputs, list) or not inputs:
-            raise MalformedJSON("OIP 'inputs' must be a non-empty list")
-        if len(self.specs) == 1 and len(inputs) != 1:
-            raise ShapeMismatch(f"this model takes one input tensor ('{self.spec.name}'), got {len(inputs)}")
-        arrays: dict[str, np.ndarray] = {}
-        for i, tensor in enumerate(inputs):
-            name, array = self._oip_tensor(i, tensor)
-            if name in arrays:
-                raise MalformedJSON(f"OIP input '{name}' appears twice")
-            arrays[name] = array
-        self._check_names(arrays, where="OIP input")
-        decoded = self._finish({name: arrays[name] for name in self.specs}, protocol="oip")
-        if "id" in payload:
-            decoded.meta["id"] = payload["id"]
-        if isinstance(payload.get("parameters"), dict):
-            decoded.meta["parameters"] = payload["parameters"]
-        decoded.meta["outputs"] = self._requested_outputs(payload.get("outputs"))
-        return decoded
-
-    def _oip_tensor(self, i: int, tensor: Any) -> tuple[str, np.ndarray]:
-        if not isinstance(tensor, dict):
-            raise MalformedJSON(f"OIP inputs[{i}] must be an object with name, shape, datatype and data")
-        missing = [k for k in ("shape", "datatype", "data") if k not in tensor]
-        if missing:
-            raise MalformedJSON(f"OIP inputs[{i}] lacks {', '.join(missing)}")
-        name = tensor.get("name")
+    def _from_oip(self, request: oip.OipRequest, grpc: bool = False) -> Decoded:
+        arrays = request.inputs
         if len(self.specs) == 1:
-            name = self.spec.name  # a one-input model takes its input under any name (INPUT__0 and the like)
-        if not isinstance(name, str):
-            raise MalformedJSON(f"OIP inputs[{i}] needs a 'name' (one of {', '.join(self.specs)})")
-        if name not in self.specs:
-            raise UnknownInput(f"unknown input '{name}' (OIP input); this model takes: {', '.join(self.specs)}")
-        datatype = str(tensor["datatype"]).upper()
-        if datatype not in OIP_DATATYPES:
-            raise DTypeMismatch(
-                f"OIP datatype '{tensor['datatype']}' of input '{name}' is not supported; "
-                f"use one of {sorted(OIP_DATATYPES)}")
-        shape = tensor["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise MalformedJSON(f"OIP shape of input '{name}' must be a list of non-negative integers, got {shape!r}")
-        array = _to_array(tensor["data"], self.specs[name], declared=OIP_DATATYPES[datatype])
-        if array.size != int(np.prod(shape)):
-            raise ShapeMismatch(f"OIP data of input '{name}' has {array.size} values but shape {shape} needs "
-                                f"{int(np.prod(shape))}")
-        return name, array.reshape(shape)
-
-    def _requested_outputs(self, requested: Any) -> list[str]:
-        if requested is None:
-            return []
-        if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                       for o in requested):
-            raise MalformedJSON("OIP 'outputs' must be a list of objects with a 'name'")
-        names = [o["name"] for o in requested]
-        unknown = [n for n in names if n not in self.manifest.outputs]
-        if unknown:
-            raise UnknownInput(f"unknown output '{unknown[0]}'; this model has: {', '.join(self.manifest.outputs)}")
-        return names
+            if len(arrays) != 1:
+                raise ShapeMismatch(f"this model takes one input tensor ('{self.spec.name}'), got {len(arrays)}")
+            arrays = {self.spec.name: next(iter(arrays.values()))}  # any name will do (INPUT__0 and the like)
+        self._check_names(arrays, where="OIP input")
+        unknown = [o.name for o in request.outputs if o.name not in self.manifest.outputs]
+        if unknown:  # refused before inference, not after
+            raise UnknownOutput(f"unknown output '{unknown[0]}'; this model has: {', '.join(self.manifest.outputs)}")
+        decoded = self._finish({name: arrays[name] for name in self.specs}, protocol="oip")
+        decoded.meta.update(oip.reply_meta(request), grpc=grpc)
+        return decoded
 
     def _finish(self, arrays: dict[str, np.ndarray], protocol: str) -> Decoded:
         """Shape first (the more basic mistake), then rows shared by every input, then dtype and values."""

@@ -135,7 +135,8 @@ def test_state_dict_artifact_ships_its_model_class(tmp_path, digits_store):
 @pytest.mark.parametrize("change,message", [
     ({"source": {"model_class": "/nope/model.py:Net", "weights": "/nope/w.pt"}}, "source.model_class: file not found"),
     ({"tolerance": "small"}, "tolerance: expected a number, got 'small'"),
-    ({"artifacts": [{"format": "tflite"}]}, "format: 'tflite' is not allowed; choose one of 'aoti', 'onnx', 'torchscript'"),
+    ({"artifacts": [{"format": "tflite"}]},
+     "format: 'tflite' is not allowed; choose one of 'aoti', 'onnx', 'torchscript'"),
     ({"colour": "red"}, "unknown key 'colour'"),
     ({"input": {"shape": [3]}}, "samples.file: 'x' has shape (32, 1, 8, 8), expected (N, 3)"),
 ])

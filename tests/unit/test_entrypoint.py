@@ -82,7 +82,7 @@ def test_the_server_is_recorded_for_the_tspack_commands(entrypoint, tmp_path):
     server = pytest.importorskip("archiver.server")
     config = tmp_path / "config.properties"
     config.write_text("inference_address=http://0.0.0.0:8080\nmetrics_address=http://0.0.0.0:8082\n")
-    entrypoint.record_server(["torchserve", "--start", "--ts-config", str(config)], str(tmp_path), 4321)
+    entrypoint.record_server(["torchserve", "--start", "--ts-config", str(config)], str(tmp_path), 4321, None)
     handle = server.ServerHandle.load(str(tmp_path))
     assert (handle.pid, handle.config_path, handle.token_auth) == (4321, str(config), True)
     assert handle.key_file == str(tmp_path / "key_file.json")
@@ -95,3 +95,16 @@ def test_unusable_state_folder_stops_the_container_with_the_fix(tmp_path):
                          capture_output=True, text=True, timeout=30, env=env)
     assert run.returncode == 1
     assert "is not writable by uid" in run.stderr and "chown" in run.stderr
+
+
+def test_without_a_record_the_image_config_starts(entrypoint, tmp_path):
+    """No deployment.json in the state folder (first start): the command runs with the image's config."""
+    pytest.importorskip("archiver.restore")
+    config = tmp_path / "config.properties"
+    config.write_text(f"model_store={tmp_path}\nload_models=digits_v1.0.mar\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    argv = ["torchserve", "--start", "--ts-config", str(config), "--model-store", str(tmp_path)]
+    planned, prepared = entrypoint.plan_restore(argv, str(state))
+    assert planned == argv and prepared.source == "config"
+    assert entrypoint.plan_restore(["sleep", "1"], str(state)) == (["sleep", "1"], None)

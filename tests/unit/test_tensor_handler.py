@@ -124,8 +124,9 @@ def test_wrong_dtype_in_npy_and_oip(handler):
         (json.dumps(oip_bad_type).encode(), "application/json"),
         (json.dumps(oip_bad_count).encode(), "application/json"),
     ])
-    assert statuses == [200, 422, 422, 422]  # int64 fits a float32 input safely; strings do not
-    assert [b.get("type") for b in bodies[1:]] == ["dtype_mismatch", "dtype_mismatch", "shape_mismatch"]
+    # int64 fits a float32 input safely; strings do not; an OIP datatype outside the protocol is a malformed request
+    assert statuses == [200, 422, 400, 422]
+    assert [b.get("type") for b in bodies[1:]] == ["dtype_mismatch", "unsupported_datatype", "shape_mismatch"]
 
 
 def test_too_many_rows_in_one_request(handler):

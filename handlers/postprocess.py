@@ -42,3 +42,13 @@ def answer_rows(manifest, outputs: dict[str, np.ndarray]) -> list[dict]:
         for row, ranked in zip(rows, format_rows(manifest.output, primary)):
             row.update(ranked)
     return rows
+
+
+def json_answer(meta: dict, rows: list[dict], single: bool) -> dict:
+    """The answer body: the rows' fields beside the meta for a one-sample request, else {"results": rows}."""
+    body = dict(meta)
+    if single:
+        body.update(rows[0])
+    else:
+        body["results"] = rows
+    return body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ class Decoded:
     protocol: str
     meta: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def rows(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 

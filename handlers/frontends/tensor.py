@@ -34,7 +34,7 @@ from handlers.errors import (
     UnsupportedMediaType,
 )
 from handlers.frontends import Batch, stack_by_shape, zeros_example
-from handlers.postprocess import answer_rows
+from handlers.postprocess import answer_rows, json_answer
 from handlers.request import Decoded, Request
 from handlers.spec import ArtifactManifest, InputSpec
 
@@ -145,13 +145,7 @@ class TensorFrontend:
     def encode(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> dict:
         if decoded.protocol == "oip":
             return self._encode_oip(decoded, outputs, meta)
-        rows = answer_rows(self.manifest, outputs)
-        body = dict(meta)
-        if decoded.single:
-            body.update(rows[0])
-        else:
-            body["results"] = rows
-        return body
+        return json_answer(meta, answer_rows(self.manifest, outputs), decoded.single)
 
     def _encode_oip(self, decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict) -> Answer:
         from handlers.pipeline import Answer  # the pipeline imports the front ends
@@ -202,6 +196,10 @@ class TensorFrontend:
 
     def _finish(self, arrays: dict[str, np.ndarray], protocol: str) -> Decoded:
         """Shape first (the more basic mistake), then rows shared by every input, then dtype and values."""
+        if len(arrays) == 1:  # the common case, kept cheap: it runs once per request on the serving path
+            (name, array), = arrays.items()
+            shaped_array, single = self._shaped(array, self.specs[name])
+            return Decoded({name: _checked_dtype(shaped_array, self.specs[name])}, single=single, protocol=protocol)
         shaped = {name: self._shaped(array, self.specs[name]) for name, array in arrays.items()}
         singles = {single for _, single in shaped.values()}
         rows = {name: array.shape[0] for name, (array, _) in shaped.items()}

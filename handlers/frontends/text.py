@@ -38,7 +38,7 @@ from handlers.errors import (
     UnsupportedMediaType,
 )
 from handlers.frontends import Batch
-from handlers.postprocess import answer_rows
+from handlers.postprocess import answer_rows, json_answer
 from handlers.request import Decoded, Request
 from handlers.spec import ArtifactManifest, TextSpec
 
@@ -204,12 +204,7 @@ class TextFrontend:
         for row, cut in zip(rows, truncated):
             if cut:
                 row["truncated"] = True
-        body = dict(meta)
-        if decoded.single:
-            body.update(rows[0])
-        else:
-            body["results"] = rows
-        return body
+        return json_answer(meta, rows, decoded.single)
 
 
 def _check_inputs(declared: set[str], filled: set[str]) -> None:

@@ -1,7 +1,7 @@
 """`tspack k8s` options: the rate-limiting Ingress (issue 21) and the state PersistentVolumeClaim (issue 20).
 
 Validated offline against the Kubernetes schemas bundled by `kubernetes-validate`, like the other manifests
-(tests/unit/test_docker_k8s.py).
+(tests/unit/test_k8s_manifests.py).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ RESAMPLE = {
     "nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
 }
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # 16-bit greyscale, e.g. a 16-bit PNG
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 # Header errors Pillow raises for files it recognised but cannot parse.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
@@ -120,6 +121,9 @@ def _decode_resized(image: Image.Image, spec: ImageSpec) -> Image.Image:
         box = tuple(v * factor for v in box)
     try:
         image.load()
+        if image.mode in WIDE_GREY_MODES:
+            # Pillow's I;16 -> L conversion clips at 255 (40000 of 65535 would read as white): scale to 8 bits first.
+            image = image.convert("I").point(lambda value: value / 256.0).convert("L")
         if image.mode != spec.mode:
             image = image.convert(spec.mode)
         return image.resize((spec.width, spec.height), RESAMPLE[spec.resample], box=box)

@@ -267,7 +267,7 @@ def main() -> int:
     print(f"  -> outputs: {', '.join(f'{name} ({len(values)} values)' for name, values in outputs.items())}; "
           f"logits {[round(v, 4) for v in outputs['logits']]}")
 
-    step("8d. The text classifier: a sentence through curl, then the served accuracy on held-out texts")
+    step("8d. The text classifier: held-out lexicon entries through curl, then the served accuracy on all of them")
     with open(os.path.join(SENTIMENT, "heldout.json"), encoding="utf-8") as f:
         held_out_texts = json.load(f)
     # The model learnt from the lexicon's words and short phrases: curl one held-out entry of each label.

@@ -160,7 +160,7 @@ def build_artifact(source: Source, artifact: ArtifactSpec, model_store: str, gpu
     with tempfile.TemporaryDirectory(prefix="tspack-stage-") as stage:
         try:
             notes: list[str] = []
-            network, entry.sparsity, validate_here = prepare_network(model, artifact, source.eager, notes)
+            network, entry.sparsity, validate_here = prepare_network(artifact, source.eager, notes)
             named = source.named if network is source.eager else _rewrapped(source.named, network)
             job = ExportJob(model, artifact, network, named, source.samples, stage, notes, source.program_cache)
             started = _dt.datetime.now()

@@ -287,7 +287,7 @@ if set(EXPORTERS) != set(RUNTIMES):  # pragma: no cover - a registration mistake
 FORMATS: dict[str, Format] = {name: Format(RUNTIMES[name], EXPORTERS[name]) for name in RUNTIMES}
 
 
-def prepare_network(job_model: ModelSpec, artifact: ArtifactSpec, eager: torch.nn.Module,
+def prepare_network(artifact: ArtifactSpec, eager: torch.nn.Module,
                     notes: list[str]) -> tuple[torch.nn.Module, Optional[float], bool]:
     """Prune and cast a copy of the eager model as the artifact asks.
 

@@ -38,6 +38,7 @@ from handlers.errors import (
     UnsupportedMediaType,
 )
 from handlers.frontends import Batch
+from handlers.oip import datatype_of
 from handlers.postprocess import answer_rows, json_answer
 from handlers.request import Decoded, Request
 from handlers.spec import ArtifactManifest, TextSpec
@@ -309,9 +310,7 @@ def _oip_answer(decoded: Decoded, outputs: dict[str, np.ndarray], meta: dict, tr
         parameters["truncated"] = list(truncated)
     if parameters:
         body["parameters"] = parameters
-    body["outputs"] = [{"name": name, "shape": list(array.shape), "datatype": _OIP_FLOAT.get(str(array.dtype), "FP32"),
+    body["outputs"] = [{"name": name, "shape": list(array.shape), "datatype": datatype_of(array),
                         "data": array.reshape(-1).tolist()} for name, array in outputs.items()]
     return body
 
-
-_OIP_FLOAT = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32"}

@@ -27,7 +27,7 @@ from handlers.device import Placement
 from handlers.errors import SpecError
 from handlers.integrity import sha256_of
 from handlers.pipeline import Pipeline
-from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, RoutingPolicy, Shadow, Variant, body_limit
+from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, Shadow, body_limit
 from handlers.spec import ArtifactManifest
 
 WORKFLOW_HANDLER = "ab_workflow.py"
@@ -67,7 +67,7 @@ def stage_variant(mar_path: str, folder: str, key: str) -> ArtifactManifest:
 
 def router_manifest(ab: ABSpec, store: str, stage: str) -> RouterManifest:
     """Stage every variant (and the shadow) under `stage/variants/<name>` and describe the routing."""
-    variants, sources = [], {}
+    sources = {}
     arms = [(v.name, v.archive, f"ab.{ab.name}.variants.{v.name}.archive") for v in ab.variants]
     if ab.shadow:
         arms.append((ab.shadow.name, ab.shadow.archive, f"ab.{ab.name}.shadow.archive"))
@@ -76,11 +76,7 @@ def router_manifest(ab: ABSpec, store: str, stage: str) -> RouterManifest:
         manifest = stage_variant(mar, os.path.join(stage, "variants", name), key)
         sources[name] = {"archive": os.path.basename(mar), "sha256": sha256_of(mar), "model": manifest.name,
                          "version": manifest.version}
-        variants.append(Variant(name=name, weight=0.0, folder=f"variants/{name}"))
-    weights = {v.name: v.weight for v in ab.variants}
-    policy = RoutingPolicy(variants=tuple(Variant(v.name, weights[v.name], v.folder) for v in variants
-                                          if v.name in weights),
-                           sticky_header=ab.sticky.header, sticky_field=ab.sticky.field, salt=ab.salt or ab.name)
+    policy = ab.policy({v.name: f"variants/{v.name}" for v in ab.variants})
     shadow = None
     if ab.shadow:
         shadow = Shadow(name=ab.shadow.name, folder=f"variants/{ab.shadow.name}", sample_rate=ab.shadow.sample_rate,
@@ -155,9 +151,7 @@ def build_workflow(ab: ABSpec, store: str, gpus: int = 0) -> ArtifactReport:
         with open(spec_file, "w", encoding="utf-8") as f:
             yaml.safe_dump(workflow_spec(ab), f, sort_keys=False)
         limits = [body_limit(read_manifest(resolve_archive(store, v.archive, v.name))) for v in ab.variants]
-        policy = RouterManifest(name=ab.name, version=ab.version, policy=RoutingPolicy(
-            variants=tuple(Variant(v.name, v.weight) for v in ab.variants), sticky_header=ab.sticky.header,
-            sticky_field=ab.sticky.field, salt=ab.salt or ab.name),
+        policy = RouterManifest(name=ab.name, version=ab.version, policy=ab.policy(),
             max_body_bytes=min(max(limits), WORKFLOW_BODY_CAP))
         with open(os.path.join(stage, ROUTER_MANIFEST_FILE), "w", encoding="utf-8") as f:
             json.dump(policy.to_json(), f, indent=2)

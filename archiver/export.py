@@ -13,6 +13,19 @@ from archiver.errors import BuildError
 from archiver.spec import SourceSpec
 from handlers.imports import import_file
 
+# Import failures users meet with model zoos, and what to change. torchvision (and timm, which imports it)
+# registers compiled operators at import time, so a torchvision built for another torch fails there.
+IMPORT_ADVICE: tuple[tuple[str, str], ...] = (
+    ("operator torchvision::", "this torchvision was built for another torch; install the torchvision wheel built "
+                               f"for torch {torch.__version__} (for a CPU torch, from the PyTorch CPU wheel index)"),
+    ("No module named", "install it where `tspack build` runs; aoti, onnx and torchscript archives do not need "
+                        "it to serve (state_dict archives do)"),
+)
+
+
+def import_advice(message: str) -> str:
+    return next((f"; {advice}" for marker, advice in IMPORT_ADVICE if marker in message), "")
+
 
 def import_object(reference: str, key: str = "source.model_class") -> object:
     """Import `path/to/file.py:Name` from a file path (the file need not be on sys.path)."""
@@ -20,9 +33,10 @@ def import_object(reference: str, key: str = "source.model_class") -> object:
     try:
         module = import_file(path)
     except ImportError as exc:
-        raise BuildError(f"{key}: {exc}") from exc
+        raise BuildError(f"{key}: importing {path} failed: {exc}{import_advice(str(exc))}") from exc
     except Exception as exc:
-        raise BuildError(f"{key}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        message = f"{type(exc).__name__}: {exc}"
+        raise BuildError(f"{key}: importing {path} failed: {message}{import_advice(message)}") from exc
     if not name:
         return module
     if not hasattr(module, name):

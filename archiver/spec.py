@@ -16,6 +16,8 @@ import yaml
 from handlers.cache import CacheConfig
 from handlers.errors import SpecError
 from handlers.registry import RUNTIMES
+from handlers.routing import RoutingPolicy
+from handlers.routing import Variant as RoutedVariant
 from handlers.spec import (
     Frontend,
     GraphOptimization,
@@ -24,6 +26,7 @@ from handlers.spec import (
     OutputSpec,
     Precision,
     TextSpec,
+    located,
     parse,
     require,
 )
@@ -350,13 +353,21 @@ class ABSpec:
 
     def __post_init__(self):
         _require(not self.name.startswith(TOKEN_API_PREFIX), token_api_message(self.name))
+        try:
+            self.policy()  # the routing rules live in handlers.routing.RoutingPolicy, checked there only
+        except SpecError as exc:
+            raise SpecError(located(f"ab.{self.name}", str(exc))) from exc
         names = [v.name for v in self.variants]
-        _require(len(names) >= 2, f"ab.{self.name}.variants: an A/B test needs two or more variants, got {len(names)}")
-        _require(len(set(names)) == len(names), f"ab.{self.name}.variants: names must be unique, got {names}")
-        total = sum(v.weight for v in self.variants)
-        _require(abs(total - 1.0) <= 1e-6, f"ab.{self.name}.variants.weight: weights must sum to 1, got {total:g}")
         _require(self.shadow is None or self.shadow.name not in names,
                  f"ab.{self.name}.shadow.name: '{self.shadow.name if self.shadow else ''}' is already a variant")
+
+    def policy(self, folders: Optional[dict[str, str]] = None) -> RoutingPolicy:
+        """The routing policy the router and the workflow both serve; `folders`: variant name -> staged folder."""
+        folders = folders or {}
+        return RoutingPolicy(variants=tuple(RoutedVariant(v.name, v.weight, folders.get(v.name, ""))
+                                            for v in self.variants),
+                             sticky_header=self.sticky.header, sticky_field=self.sticky.field,
+                             salt=self.salt or self.name)
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,21 @@ def test_cli_exits_1_when_an_artifact_fails_validation(tmp_path):
     assert run.stderr.strip() == "tspack build: 1 artifact(s) failed validation: branchy@1.0"
     assert "Traceback" not in run.stderr
     assert os.listdir(store) == ["build_report.json"]
+
+
+@pytest.mark.parametrize("body, advice", [
+    ("import tspack_no_such_zoo\n", "install it where `tspack build` runs"),
+    # What importing torchvision raises when its wheel was built for another torch (seen with torch 2.13 CPU).
+    ("raise RuntimeError('operator torchvision::nms does not exist')\n", "torchvision wheel built for torch"),
+])
+def test_a_model_zoo_that_cannot_be_imported_gets_a_one_line_refusal_saying_what_to_change(tmp_path, body, advice):
+    model_file = tmp_path / "zoo_model.py"
+    model_file.write_text(body)
+    torch.save({}, tmp_path / "w.pt")
+    result = support.tspack("build", "--name", "zoo", "--model-class", f"{model_file}:Net", "--weights",
+                            str(tmp_path / "w.pt"), "--input-shape", "3,8,8", "--format", "onnx",
+                            "--model-store", str(tmp_path / "store"), "--quiet")
+    assert result.returncode == 2  # the pack's one-line errors
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tspack build: source.model_class: importing ")
+    assert advice in lines[0]

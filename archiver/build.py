@@ -20,17 +20,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from archiver import export
-from archiver.drift import PROFILE_KEY, profile_from_outputs  # issue 21 (drift)
 from archiver.errors import TspackCliError
+from archiver.operate.drift import PROFILE_KEY, profile_from_outputs  # issue 21 (drift)
+from archiver.optimize import export
 from archiver.optimize.criteria import FP16_TOLERANCE, criteria_for
 from archiver.optimize.formats import FORMATS, ExportJob, prepare_network
 from archiver.optimize.named_io import NamedIO
 from archiver.optimize.samples import Samples, calibration, load_samples
-from archiver.package import build_artifact_mar
-from archiver.report import ArtifactReport, write_report
+from archiver.optimize.validate import Figures, compare, measure_latency, require_passed, run_batched
+from archiver.package.archive import build_artifact_mar
+from archiver.package.report import ArtifactReport, write_report
 from archiver.spec import ArtifactSpec, DeploySpec, ModelSpec, check_files
-from archiver.validate import Figures, compare, measure_latency, require_passed, run_batched
 from handlers.device import Placement
 from handlers.errors import SpecError
 from handlers.runtimes import load_runtime
@@ -73,7 +73,7 @@ def resolve(model: ModelSpec) -> tuple[ModelSpec, Samples, Optional[object]]:
     texts (two lengths, two batch sizes, padded) filled in; the loaded folder too, when there is one."""
     if not model.source.pretrained:
         return model, load_samples(model), None
-    from archiver.pretrained import DEFAULT_TEXTS, load_pretrained
+    from archiver.optimize.pretrained import DEFAULT_TEXTS, load_pretrained
 
     pretrained = load_pretrained(model.source.pretrained, model.source.task)
     text = pretrained.text
@@ -230,7 +230,7 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
     """
     from tqdm import tqdm
 
-    from archiver.placement import detect_gpus, device_config
+    from archiver.deploy.placement import detect_gpus, device_config
 
     gpus = spec.gpus if spec.gpus is not None else detect_gpus()
     models = [m for m in spec.models if not only or m.name in only]
@@ -255,7 +255,7 @@ def build(spec: DeploySpec, progress: bool = True, only: Optional[list[str]] = N
             bar.set_postfix_str(f"{model.archive_name(artifact)}@{model.version}")
             result.entries.append(build_artifact(source, artifact, spec.model_store, gpus))
             bar.update(1)
-    from archiver.ab import build_router, build_workflow
+    from archiver.package.ab import build_router, build_workflow
 
     for ab in tests:
         for step in (build_router, build_workflow) if ab.workflow.enabled else (build_router,):

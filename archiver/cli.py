@@ -14,8 +14,8 @@ import shutil
 import sys
 from typing import Optional
 
+from archiver.deploy.k8s import add_k8s_parser
 from archiver.errors import TspackCliError
-from archiver.k8s import add_k8s_parser
 from archiver.tables import render
 from handlers.errors import SpecError
 from handlers.registry import FRONTENDS, RUNTIMES
@@ -30,7 +30,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from archiver.build import build
-    from archiver.report import format_table
+    from archiver.package.report import format_table
     from archiver.spec import DeploySpec
 
     spec = DeploySpec.from_yaml(args.spec) if args.spec else spec_from_flags(args)
@@ -153,8 +153,8 @@ def _read_labels(value: str) -> list[str]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from archiver.placement import assign, detect_gpus, placement_table
-    from archiver.serving import ServerConfig, write_config
+    from archiver.deploy.placement import assign, detect_gpus, placement_table
+    from archiver.deploy.properties import ServerConfig, write_config
 
     store = os.path.abspath(args.model_store)
     gpus = args.gpus if args.gpus is not None else detect_gpus()
@@ -168,7 +168,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         job_queue_size=args.job_queue_size, workflow_store=args.workflow_store,
         open_inference_protocol=not args.no_oip,
     )
-    from archiver.alerts import ALERTS_FILE, AlertThresholds
+    from archiver.deploy.alerts import ALERTS_FILE, AlertThresholds
 
     alerts = AlertThresholds(error_rate=args.alert_error_rate, p99_latency_s=args.alert_p99_s,
                              max_psi=args.alert_max_psi)
@@ -191,8 +191,8 @@ def entry_from_archive(item: str, store: str, gpus: Optional[int] = None):
 
     With `gpus`, the archive's GPU ids are checked against that many GPUs.
     """
-    from archiver.package import archive_info
-    from archiver.serving import ModelEntry
+    from archiver.deploy.properties import ModelEntry
+    from archiver.package.archive import archive_info
 
     name, _, archive = item.rpartition("=")
     path = archive if os.path.isabs(archive) or os.path.exists(archive) else os.path.join(store, archive)
@@ -219,10 +219,10 @@ def entry_from_archive(item: str, store: str, gpus: Optional[int] = None):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from archiver import server
+    from archiver.operate import server
 
     if args.action == "start":
-        from archiver.restore import describe_outcome, start_restored
+        from archiver.operate.restore import describe_outcome, start_restored
 
         outcome = start_restored(args.config, args.run_dir, fresh=args.fresh, timeout_s=args.timeout)
         handle = outcome.handle
@@ -240,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_REFUSED
         return 0
     if args.action == "stop":
-        from archiver.deployment import record_path
+        from archiver.operate.deployment import record_path
 
         stopped = server.stop(args.run_dir, quiet=True)
         print("TorchServe stopped" if stopped else "no TorchServe was running from " + os.path.abspath(args.run_dir))
@@ -248,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"the deployment stays recorded in {record_path(args.run_dir)}: `tspack serve start` restores it "
                   "(--fresh starts from config.properties instead)")
         return 0
-    from archiver.status import format_status, server_status
+    from archiver.operate.status import format_status, server_status
 
     status = server_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -262,7 +262,7 @@ EXIT_REFUSED = 3  # `serve start` started, but refused recorded versions whose a
 
 
 def _client(args: argparse.Namespace):
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     return ServerHandle.load(os.path.abspath(args.run_dir)).client()
 
@@ -271,9 +271,9 @@ def _client(args: argparse.Namespace):
 def recording(args: argparse.Namespace):
     """Rewrite the deployment record after a command that changes the deployment, even when the command failed
     half-way (a swap whose probe failed has still registered and unregistered)."""
-    from archiver.deployment import record_now
-    from archiver.server import ServerHandle
-    from archiver.serving import read_properties
+    from archiver.deploy.properties import read_properties
+    from archiver.operate.deployment import record_now
+    from archiver.operate.server import ServerHandle
 
     handle = ServerHandle.load(os.path.abspath(args.run_dir))
     try:
@@ -286,7 +286,7 @@ def recording(args: argparse.Namespace):
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from archiver.serving import read_properties
+    from archiver.deploy.properties import read_properties
 
     archive = os.path.abspath(args.archive)
     if not os.path.isfile(archive):
@@ -296,7 +296,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace, handle, props: dict, archive: str) -> int:
-    from archiver.package import archive_info
+    from archiver.package.archive import archive_info
 
     workflow = archive.endswith(".war")
     store = props.get("workflow_store" if workflow else "model_store") or props.get("model_store", "")
@@ -321,9 +321,9 @@ def _register(args: argparse.Namespace, handle, props: dict, archive: str) -> in
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    from archiver.operate import swap_version
-    from archiver.package import archive_info
-    from archiver.serving import read_properties
+    from archiver.deploy.properties import read_properties
+    from archiver.operate.swap import swap_version
+    from archiver.package.archive import archive_info
 
     archive = os.path.abspath(args.archive)
     if not os.path.isfile(archive):
@@ -356,7 +356,7 @@ def cmd_unregister(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from archiver.operate import wait_ready
+    from archiver.operate.swap import wait_ready
 
     max_workers = args.max_workers if args.max_workers is not None else args.workers
     with recording(args) as handle:
@@ -370,7 +370,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from archiver.status import format_endpoints, model_versions
+    from archiver.operate.status import format_endpoints, model_versions
 
     client = _client(args)
     versions = model_versions(client, args.model)
@@ -398,8 +398,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
-    from archiver.drift import drift_report
-    from archiver.server import ServerHandle
+    from archiver.operate.drift import drift_report
+    from archiver.operate.server import ServerHandle
 
     handle = ServerHandle.load(os.path.abspath(args.run_dir))
     report = drift_report(handle, args.model, args.version, args.max_psi, args.min_count)

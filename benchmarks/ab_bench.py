@@ -29,8 +29,8 @@ sys.path.insert(0, ROOT)
 
 from archiver.build import build  # noqa: E402
 from archiver.cli import entry_from_archive  # noqa: E402
-from archiver.server import free_ports, start, stop  # noqa: E402
-from archiver.serving import ServerConfig, write_config  # noqa: E402
+from archiver.deploy.properties import ServerConfig, write_config  # noqa: E402
+from archiver.operate.server import free_ports, start, stop  # noqa: E402
 from archiver.spec import DeploySpec, WorkflowSpec  # noqa: E402
 from benchmarks.sections import machine, write_section  # noqa: E402
 from handlers.spec import parse  # noqa: E402

@@ -34,7 +34,7 @@ class ModelDef:
         return os.path.join(REPO, self.model_class.partition(":")[0])
 
     def eager(self) -> torch.nn.Module:
-        from archiver.export import import_object
+        from archiver.optimize.export import import_object
 
         torch.manual_seed(0)
         return import_object(os.path.join(REPO, self.model_class), "model_class")().eval()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 if __package__ in (None, ""):  # run as `python benchmarks/bench.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from archiver.serving import ModelEntry  # noqa: E402
+from archiver.deploy.properties import ModelEntry  # noqa: E402
 from benchmarks import artifacts, limit, loadgen, report, systems  # noqa: E402
 from benchmarks.artifacts import MODELS, Variant  # noqa: E402
 

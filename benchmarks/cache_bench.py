@@ -29,9 +29,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python benchmarks/cache_bench.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from archiver.server import ServerHandle, free_ports, start, stop  # noqa: E402
-from archiver.serving import ModelEntry, ServerConfig, write_config  # noqa: E402
-from archiver.status import metric_sum, parse_prometheus  # noqa: E402
+from archiver.deploy.properties import ModelEntry, ServerConfig, write_config  # noqa: E402
+from archiver.operate.server import ServerHandle, free_ports, start, stop  # noqa: E402
+from archiver.operate.status import metric_sum, parse_prometheus  # noqa: E402
 from benchmarks import artifacts, loadgen  # noqa: E402
 from benchmarks.artifacts import MODELS, Variant  # noqa: E402
 from benchmarks.systems import bearer  # noqa: E402

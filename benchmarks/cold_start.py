@@ -48,7 +48,7 @@ def demo_cold_start(work: str, timeout_s: float = 180.0) -> float:
     """Seconds from launching `tspack serve start` for the demo deployment to its first 200 prediction."""
     import numpy as np
 
-    from archiver.server import free_ports, stop
+    from archiver.operate.server import free_ports, stop
 
     ensure_demo_archives()
     folder = os.path.join(work, "demo-cold-start")

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from archiver.build import build  # noqa: E402
-from archiver.package import read_manifest  # noqa: E402
+from archiver.package.archive import read_manifest  # noqa: E402
 from archiver.spec import DeploySpec  # noqa: E402
 from archiver.zoo.digits_training import accuracy, load_digits_split, train  # noqa: E402
 from benchmarks.interleave import Quiet, System, batch_of, interleave, load_average  # noqa: E402
@@ -145,7 +145,7 @@ GROUPS = (
 
 
 def eager_runner(model_class: str, weights: str):
-    from archiver.export import import_object
+    from archiver.optimize.export import import_object
 
     model = import_object(model_class)()
     model.load_state_dict(torch.load(weights, weights_only=True))

@@ -38,11 +38,11 @@ if __package__ in (None, ""):  # run as `python benchmarks/reliability.py`
 
 import requests  # noqa: E402
 
-from archiver.client import TorchServeClient  # noqa: E402
+from archiver.deploy.properties import ARCHIVE_NAME, read_properties  # noqa: E402
 from archiver.errors import ApiError  # noqa: E402
-from archiver.operate import swap_version  # noqa: E402
-from archiver.serving import ARCHIVE_NAME, read_properties  # noqa: E402
-from archiver.status import HISTORY_FILE, metric_sum, parse_prometheus, request_counts  # noqa: E402
+from archiver.operate.client import TorchServeClient  # noqa: E402
+from archiver.operate.status import HISTORY_FILE, metric_sum, parse_prometheus, request_counts  # noqa: E402
+from archiver.operate.swap import swap_version  # noqa: E402
 from benchmarks import reliability_inputs as inputs  # noqa: E402
 from benchmarks import reliability_report as report  # noqa: E402
 from benchmarks.reliability_load import (  # noqa: E402
@@ -1008,7 +1008,7 @@ def _tspack(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess
 def _restart_clients(handle_dir: str, stop: threading.Event, clients: int) -> list[tuple[float, str, str]]:
     """Closed-loop clients that read the server's key file on every call (keys change at a restart):
     (end time, status or error class, answered version) per request."""
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     body = {"data": good_sample_list()}
     results: list[list[tuple[float, str, str]]] = [[] for _ in range(clients)]
@@ -1042,7 +1042,7 @@ def good_sample_list() -> list:
 def scenario_restart(rig: Rig, settings: Settings) -> dict:
     """digits 1.0 at start, 2.0 registered and made the default with the CLI; clients run while the java frontend
     is killed (-9) and `tspack serve start` restores the record: every answer after readiness must be 2.0."""
-    from archiver.server import free_ports, stop
+    from archiver.operate.server import free_ports, stop
 
     clients = 4
     result = Result("restart", "Restart after a frontend crash (kill -9): the recorded default comes back",
@@ -1065,7 +1065,7 @@ def scenario_restart(rig: Rig, settings: Settings) -> dict:
             done = _tspack(*step)
             if not result.check(f"tspack {step[0]} {step[1]}", done.returncode == 0, done.stderr.strip()[-300:]):
                 return result.done()
-        from archiver.server import ServerHandle
+        from archiver.operate.server import ServerHandle
 
         server_pid = ServerHandle.load(run_dir).pid
         stop_clients = threading.Event()

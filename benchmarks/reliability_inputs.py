@@ -194,12 +194,12 @@ KNOWN_ISSUES = (
                "so the request answers 500 internal_error instead of 400 malformed_payload"),
     KnownIssue("K6", "router", "damaged .npy header", "same as K6 (tensor)", "same as K6 (tensor)"),
     KnownIssue("K6", "workflow", "damaged .npy header", "same as K6 (tensor)", "same as K6 (tensor)"),
-    KnownIssue("K9", "management", "register file://<store>/%2e%2e/outside/k9.mar", "archiver/serving.py "
+    KnownIssue("K9", "management", "register file://<store>/%2e%2e/outside/k9.mar", "archiver/deploy/properties.py "
                "ServerConfig.render (allowed_urls)", "allowed_urls=file://<store>/.* matches percent-encoded dot "
                "segments; TorchServe 0.12 refuses a literal '..' but decodes %2e%2e, so with the model API on an "
                "archive outside the model store is registered"),
     KnownIssue("K10", "status", "`tspack serve status` after 7 good + 3 malformed predictions",
-               "archiver/status.py _request_counts / _error_rate", "the error rate divides by TorchServe's "
+               "archiver/operate/status.py _request_counts / _error_rate", "the error rate divides by TorchServe's "
                "host-level Requests2XX/4XX/5XX, which also count management calls, pings and the status "
                "command's own describe calls: 3 errors in 10 predictions show as ~10%, not 30%"),
     # last: it takes the workflow's route worker down for a while
@@ -228,7 +228,7 @@ UNIT_ISSUES = (
 # Seen in the swap scenario's figures (latency, not errors), so reported there rather than probed.
 SWAP_ISSUES = (
     KnownIssue("K11", "management + inference", "swap under load: `swap_version` registers v2 synchronously",
-               "archiver/operate.py swap_version (client.register(..., synchronous=True))", "TorchServe 0.12 "
+               "archiver/operate/swap.py swap_version (client.register(..., synchronous=True))", "TorchServe 0.12 "
                "holds a Netty I/O thread for a synchronous register until the new workers are READY: inference "
                "requests on the connections of that thread (4 of 16 here) stall for the whole worker start. No "
                "error, but a 5-10 s stall; registering with synchronous=false and polling describe until READY "

@@ -151,7 +151,7 @@ METHOD = [
     "ports); the security scenario also starts the config `tspack config` writes by default (model API off).",
     "- Clients are Python threads, each with its own keep-alive connection and the inference key, bounded by a "
     "request count and a deadline. Latencies measured at the client include 2 shared cores.",
-    "- Swap: 16 clients back to back on /predictions/digits; `archiver.operate.swap_version(client, 'digits', "
+    "- Swap: 16 clients back to back on /predictions/digits; `archiver.operate.swap.swap_version(client, 'digits', "
     "'digits_v2.0.mar', '2.0', workers=2, drain_s=2)` after 5 s. An answer that finished before set-default was "
     "called must be 1.0, one that started after the swap returned must be 2.0, the others may be either.",
     "- Crash: 8 clients back to back; SIGKILL to one of the 2 digits workers (its PID from the management API, "

@@ -26,8 +26,8 @@ import torch
 from archiver.build import build
 from archiver.cli import entry_from_archive
 from archiver.cli import main as tspack_main
-from archiver.client import TorchServeClient
-from archiver.server import ServerHandle, free_ports, start, stop
+from archiver.operate.client import TorchServeClient
+from archiver.operate.server import ServerHandle, free_ports, start, stop
 from archiver.spec import DeploySpec
 from handlers.spec import parse
 from tests import support

@@ -1,7 +1,7 @@
 """Start and stop each served system, and watch the peak RSS of its process tree.
 
 Every start returns a `Served`: where to POST, the Authorization header, the root pid of its process
-tree, and how to stop it. TorchServe systems go through `archiver.server.start`/`stop` (tspack's own
+tree, and how to stop it. TorchServe systems go through `archiver.operate.server.start`/`stop` (tspack's own
 config, or the naive baseline's hand-written one); peers are scripts run with benchmarks/.venv's Python.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from archiver.server import ServerHandle, free_ports, start, stop
-from archiver.serving import ModelEntry, ServerConfig, write_config
+from archiver.deploy.properties import ModelEntry, ServerConfig, write_config
+from archiver.operate.server import ServerHandle, free_ports, start, stop
 
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
 

@@ -14,7 +14,7 @@ where TorchServe writes key_file.json and the logs): it must be writable by the 
 left by a previous run is removed, so nothing reads keys that the new server no longer accepts. When the
 folder holds a deployment record (deployment.json, kept by the `tspack` commands that change the
 deployment), TorchServe starts with that deployment, as `tspack serve start` would: the same
-archiver.restore functions check the archives and write the effective config. Once TorchServe runs, the
+archiver.operate.restore functions check the archives and write the effective config. Once TorchServe runs, the
 pack's record of the server (server.json) is written there too, for the `tspack` commands.
 
 Standard library only, plus psutil when present, and tspack (archiver) for the records: without it, the
@@ -118,7 +118,7 @@ def plan_restore(argv: list[str], state_dir: str) -> tuple[list[str], Any]:
         return argv, None
     at = argv.index("--ts-config") + 1
     try:
-        from archiver.restore import prepare
+        from archiver.operate.restore import prepare
 
         prepared = prepare(argv[at], state_dir)
     except ImportError:
@@ -145,7 +145,7 @@ def record_server(argv: list[str], state_dir: str, pid: int, prepared: Any) -> N
     if "--ts-config" not in argv[:-1]:
         return
     try:
-        from archiver.server import ServerHandle
+        from archiver.operate.server import ServerHandle
 
         config = argv[argv.index("--ts-config") + 1]
         handle = ServerHandle.for_config(config, state_dir, pid, tmp_dir=tempfile.gettempdir())
@@ -159,8 +159,8 @@ def record_server(argv: list[str], state_dir: str, pid: int, prepared: Any) -> N
 
 def finish_restore(handle: Any, prepared: Any, timeout_s: float = 300.0) -> None:
     try:
-        from archiver.restore import finish
-        from archiver.server import wait_ready
+        from archiver.operate.restore import finish
+        from archiver.operate.server import wait_ready
 
         wait_ready(handle, None, [], timeout_s)
         serving = finish(handle, prepared, timeout_s)

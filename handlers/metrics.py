@@ -28,7 +28,7 @@ TOP1 = "tspack_top1_probability_total"  # top-1 probabilities served, by bucket 
 CACHE = "tspack_cache_total"  # response cache lookups and evictions, by Outcome: hit, miss, evicted
 
 # Upper edges of the top-1 probability buckets: bucket "0.9" holds (0.75, 0.9], the first [0, 0.25]. Shared with
-# the build's prediction profile (archiver/drift.py), so served and validation histograms compare bin for bin.
+# the build's prediction profile (archiver/operate/drift.py), so served and validation histograms compare bin for bin.
 # Denser near 1, where a trained classifier's confidence lives. A counter per bucket rather than a TorchServe
 # histogram: those have the Prometheus client's fixed buckets (0.005..10, only 4 of them in (0.1, 1]) and cost
 # one emitted line per observation, while counters are summed in memory and flushed once per FLUSH_S.

@@ -61,7 +61,7 @@ def curl_predict(path: str, body_file: str, key: str) -> dict:
 def served_accuracy(version: str, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of one served version on the held-out set, one HTTP request per image."""
     sys.path.insert(0, ROOT)
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
 
@@ -79,7 +79,7 @@ def served_latency(model: str, x: np.ndarray, count: int = 300) -> tuple[float, 
     """p50 and p90 (ms) of `count` sequential requests from one client: what a lone caller waits."""
     import time
 
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
     times = []
@@ -101,7 +101,7 @@ def curl_text(model: str, sentence: str, key: str) -> dict:
 
 def served_text_accuracy(chunk: int = 64) -> float:
     """Held-out texts sent {"texts": [...]} `chunk` at a time; the top label against the true one."""
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
     with open(os.path.join(SENTIMENT, "heldout.json"), encoding="utf-8") as f:
@@ -150,7 +150,7 @@ def demo_users() -> list[str]:
 
 def ab_split(samples: np.ndarray, keys: int) -> dict:
     """Key i sends held-out digit i (cycling), so the shadow's agreement figures mean something."""
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     client = ServerHandle.load(os.path.join(ROOT, RUN_DIR)).client()
 
@@ -168,7 +168,7 @@ def show_ab_metrics() -> None:
 
     import requests
 
-    from archiver.status import parse_prometheus
+    from archiver.operate.status import parse_prometheus
 
     time.sleep(2.5)  # the shadow compares off the answer path; counters are flushed every second
     print("$ curl -s http://127.0.0.1:8082/metrics | grep 'ModelName=\"digits-ab\"'")

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from archiver.distill import distill  # noqa: E402
+from archiver.optimize.distill import distill  # noqa: E402
 from archiver.zoo.digits_cnn import DigitsCNN  # noqa: E402
 from archiver.zoo.digits_student import DigitsStudent  # noqa: E402
 from archiver.zoo.digits_training import accuracy  # noqa: E402

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from archiver.build import build
-from archiver.server import ServerHandle, free_ports, start
-from archiver.serving import ModelEntry, ServerConfig, write_config
+from archiver.deploy.properties import ModelEntry, ServerConfig, write_config
+from archiver.operate.server import ServerHandle, free_ports, start
+from archiver.operate.status import metric_sum, parse_prometheus
 from archiver.spec import DeploySpec
-from archiver.status import metric_sum, parse_prometheus
 from handlers.spec import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

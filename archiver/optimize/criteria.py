@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from archiver.optimize.validate import Criteria
 from archiver.spec import ArtifactSpec, ModelSpec
-from archiver.validate import Criteria
 
 # fp16 keeps ~3 significant digits: the digits CNN's logits move by up to 9e-3 in half precision, so an fp16
 # artifact is held to this tolerance (unless its spec sets one) and to top-1 agreement with fp32.

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from archiver import export
 from archiver.errors import BuildError
+from archiver.optimize import export
 from archiver.optimize.named_io import NamedIO
 from archiver.optimize.samples import Samples, calibration
 from archiver.spec import ArtifactSpec, ModelSpec
@@ -114,7 +114,7 @@ class Format:
 def export_torchscript(job: ExportJob) -> RuntimeSpec:
     network, artifact = job.network, job.artifact
     if artifact.quantize:
-        from archiver.quantize import DEPRECATION_NOTE
+        from archiver.optimize.quantize import DEPRECATION_NOTE
 
         network = _quantize_torch(job)
         job.notes.append(DEPRECATION_NOTE)
@@ -131,7 +131,7 @@ def export_torchscript(job: ExportJob) -> RuntimeSpec:
 
 
 def _quantize_torch(job: ExportJob) -> torch.nn.Module:
-    from archiver import quantize
+    from archiver.optimize import quantize
 
     mode = job.artifact.quantize.mode
     if mode == "dynamic":
@@ -196,7 +196,7 @@ def export_onnx(job: ExportJob) -> RuntimeSpec:
         export.optimize_onnx_graph(path, path)
     if not artifact.quantize:
         return job.runtime_spec("model.onnx", graph_optimization=artifact.graph_optimization)
-    from archiver import quantize
+    from archiver.optimize import quantize
 
     target = os.path.join(job.stage, "model.int8.onnx")
     if artifact.quantize.mode == "dynamic":
@@ -296,8 +296,8 @@ def prepare_network(artifact: ArtifactSpec, eager: torch.nn.Module,
     """
     network, sparsity, validate_here = eager, None, True
     if artifact.prune:
-        from archiver.prune import prune_model
-        from archiver.prune import sparsity as measure
+        from archiver.optimize.prune import prune_model
+        from archiver.optimize.prune import sparsity as measure
 
         spec = artifact.prune
         finetune = export.import_object(spec.finetune, f"artifacts.{artifact.id}.prune.finetune") \

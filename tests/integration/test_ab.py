@@ -12,7 +12,7 @@ import pytest
 
 from archiver.build import build
 from archiver.cli import entry_from_archive
-from archiver.server import stop
+from archiver.operate.server import stop
 from archiver.spec import DeploySpec
 from handlers.routing import RoutingPolicy, Variant
 from handlers.spec import parse

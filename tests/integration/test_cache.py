@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from archiver.cli import entry_from_archive
-from archiver.package import archive_info
-from archiver.server import stop
-from archiver.status import parse_prometheus
+from archiver.operate.server import stop
+from archiver.operate.status import parse_prometheus
+from archiver.package.archive import archive_info
 from handlers.cache import ENTRY_OVERHEAD_BYTES, MB
 from handlers.metrics import CACHE
 from tests import support

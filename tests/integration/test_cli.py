@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from archiver.server import free_ports, stop
+from archiver.operate.server import free_ports, stop
 from tests import support
 
 pytestmark = pytest.mark.integration

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import yaml
 
-from archiver.alerts import ALERTS_FILE
-from archiver.drift import PROFILE_KEY
-from archiver.package import read_manifest
-from archiver.server import stop
-from archiver.serving import ModelEntry
-from archiver.status import metric_sum, parse_prometheus
+from archiver.deploy.alerts import ALERTS_FILE
+from archiver.deploy.properties import ModelEntry
+from archiver.operate.drift import PROFILE_KEY
+from archiver.operate.server import stop
+from archiver.operate.status import metric_sum, parse_prometheus
+from archiver.package.archive import read_manifest
 from handlers.metrics import PREDICTIONS, TOP1, TOP1_EDGES, bucket_name
 from tests import support
 

@@ -15,7 +15,7 @@ import requests
 
 from archiver.cli import entry_from_archive
 from archiver.errors import ServerError
-from archiver.server import stop
+from archiver.operate.server import stop
 from tests import support
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def test_register_version_two_and_make_it_default(client, digits_store, server):
         body = client.predict("digits", {"data": row.tolist()}).json()
         assert body["version"] == "2.0" and body["predictions"][0]["index"] == int(want)
     assert client.predict("digits", {"data": x[0].tolist()}, version="1.0").json()["version"] == "1.0"
-    from archiver.status import model_versions
+    from archiver.operate.status import model_versions
 
     listed = {v["version"]: v for v in model_versions(client, "digits")}
     assert listed["2.0"]["default"] and not listed["1.0"]["default"]

@@ -3,7 +3,7 @@
 No GPU is here, so TorchServe is told there are 1, 2, 4 or 8 (CUDA_VISIBLE_DEVICES=0,...,n-1, which its GPU
 detection reads before nvidia-smi). Workers then receive GPU ids; the handlers, finding no CUDA in
 this torch build, log the id they were given and run on the CPU. The ids the workers report must be
-the ones `archiver.placement.assign` predicts from the same archives.
+the ones `archiver.deploy.placement.assign` predicts from the same archives.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from archiver.build import build
 from archiver.cli import entry_from_archive
-from archiver.placement import assign
-from archiver.server import stop
+from archiver.deploy.placement import assign
+from archiver.operate.server import stop
 from archiver.spec import DeploySpec
 from handlers.spec import parse
 from tests import support

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from archiver.cli import entry_from_archive
-from archiver.server import stop
+from archiver.operate.server import stop
 from handlers.frontends.image import preprocess
 from handlers.spec import ImageSpec
 from tests import support

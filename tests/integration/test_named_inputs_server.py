@@ -13,7 +13,7 @@ import pytest
 
 from archiver.build import build
 from archiver.cli import entry_from_archive
-from archiver.server import stop
+from archiver.operate.server import stop
 from archiver.spec import DeploySpec
 from handlers.spec import parse
 from tests import support

@@ -1,5 +1,5 @@
 """Open Inference Protocol v2 against a real TorchServe 0.12, with real clients: tritonclient's HTTP client (binary
-tensor extension, its default, and JSON mode) and the OIP gRPC service through archiver.oip_grpc."""
+tensor extension, its default, and JSON mode) and the OIP gRPC service through archiver.operate.oip_grpc."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from archiver.cli import entry_from_archive
-from archiver.server import stop
-from archiver.serving import read_properties
+from archiver.deploy.properties import read_properties
+from archiver.operate.server import stop
 from tests import support
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ grpc = pytest.importorskip("grpc")
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from archiver.oip_grpc import OipGrpcClient, OipGrpcError  # noqa: E402
+from archiver.operate.oip_grpc import OipGrpcClient, OipGrpcError  # noqa: E402
 
 PAIR_MODEL = textwrap.dedent("""
     import torch

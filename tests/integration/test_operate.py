@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from archiver.cli import entry_from_archive
-from archiver.server import stop
-from archiver.status import model_versions
+from archiver.operate.server import stop
+from archiver.operate.status import model_versions
 from tests import support
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ import pytest
 
 from archiver.build import build
 from archiver.cli import entry_from_archive
-from archiver.server import ServerHandle, free_ports, stop
-from archiver.serving import ServerConfig, write_config
+from archiver.deploy.properties import ServerConfig, write_config
+from archiver.operate.server import ServerHandle, free_ports, stop
 from archiver.spec import DeploySpec
 from handlers.spec import parse
 from tests import support

@@ -17,8 +17,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from archiver.cli import entry_from_archive  # noqa: E402
-from archiver.pretrained import DEFAULT_TEXTS, load_pretrained  # noqa: E402
-from archiver.server import stop  # noqa: E402
+from archiver.operate.server import stop  # noqa: E402
+from archiver.optimize.pretrained import DEFAULT_TEXTS, load_pretrained  # noqa: E402
 from archiver.zoo.text_classifier import untrained_folder  # noqa: E402
 from tests import support  # noqa: E402
 

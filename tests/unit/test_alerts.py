@@ -1,4 +1,4 @@
-"""alerts.yaml (archiver/alerts.py), checked and exercised with Prometheus' own promtool.
+"""alerts.yaml (archiver/deploy/alerts.py), checked and exercised with Prometheus' own promtool.
 
 `promtool check rules` validates the file; `promtool test rules` evaluates it on synthetic series, so the PromQL
 is tested for what it does: the drift PSI it records equals `tspack drift`'s, and each alert fires when it
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from archiver.alerts import ALERTS_FILE, AlertThresholds, DriftBaseline, alert_rules, write_alerts
-from archiver.drift import Histogram, prediction_profile, psi
-from archiver.serving import ServerConfig, write_config
+from archiver.deploy.alerts import ALERTS_FILE, AlertThresholds, DriftBaseline, alert_rules, write_alerts
+from archiver.deploy.properties import ServerConfig, write_config
+from archiver.operate.drift import Histogram, prediction_profile, psi
 from handlers.errors import SpecError
 from tests import support
 
@@ -144,8 +144,8 @@ def test_error_rate_and_latency_alerts(tmp_path):
 def test_archives_without_a_profile_get_no_drift_rules(tmp_path):
     import zipfile
 
-    from archiver.alerts import baselines
-    from archiver.serving import ModelEntry
+    from archiver.deploy.alerts import baselines
+    from archiver.deploy.properties import ModelEntry
 
     with zipfile.ZipFile(tmp_path / "router_v1.0.mar", "w") as archive:  # no tspack-manifest.json, as a router
         archive.writestr("MAR-INF/MANIFEST.json", "{}")

@@ -12,8 +12,8 @@ import yaml
 from torch import nn
 
 from archiver.build import build
-from archiver.package import read_manifest
-from archiver.report import load_report
+from archiver.package.archive import read_manifest
+from archiver.package.report import load_report
 from archiver.spec import DeploySpec
 from handlers.errors import SpecError
 from handlers.spec import parse

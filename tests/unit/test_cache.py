@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from archiver.package import model_config
+from archiver.package.archive import model_config
 from archiver.spec import DeploySpec, ServingSpec
 from handlers.ab_router import VARIANT_HEADER, ABRouterHandler
 from handlers.cache import (
@@ -254,7 +254,7 @@ def emitted_cache_counts(records) -> dict[str, float]:
 def test_outcomes_are_emitted_through_torchserve(digits_dir, tmp_path, caplog):
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    from archiver.serving import metrics_config_text
+    from archiver.deploy.properties import metrics_config_text
 
     config = tmp_path / "metrics.yaml"
     config.write_text(metrics_config_text())

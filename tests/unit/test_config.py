@@ -11,7 +11,7 @@ import json
 import pytest
 import yaml
 
-from archiver.serving import ModelEntry, ServerConfig, read_properties, write_config
+from archiver.deploy.properties import ModelEntry, ServerConfig, read_properties, write_config
 from handlers.errors import SpecError
 from handlers.metrics import DECLARED
 from tests import support

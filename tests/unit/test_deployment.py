@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from archiver import deployment as record
 from archiver.cli import main
 from archiver.errors import DeploymentError
-from archiver.restore import effective_config, plan
+from archiver.operate import deployment as record
+from archiver.operate.restore import effective_config, plan
 from tests import support
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import pytest
 
-from archiver.serving import ARCHIVE_NAME, ServerConfig, read_properties, write_config
+from archiver.deploy.properties import ARCHIVE_NAME, ServerConfig, read_properties, write_config
 from tests.unit.dockerfile_rules import (
     DOCKER,
     DOCKERFILE,

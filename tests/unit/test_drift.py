@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from archiver.drift import (
+from archiver.operate.drift import (
     DriftError,
     DriftReport,
     Histogram,
@@ -20,7 +20,7 @@ from archiver.drift import (
     psi,
     total_variation,
 )
-from archiver.status import parse_prometheus
+from archiver.operate.status import parse_prometheus
 from handlers.metrics import (
     OTHER_LABEL,
     PREDICTIONS,
@@ -155,7 +155,7 @@ def test_handler_counts_drift_metrics_with_bounded_labels(tmp_path):
     from ts.context import Context
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    from archiver.serving import metrics_config_text
+    from archiver.deploy.properties import metrics_config_text
     from handlers.pipeline import BatchStats
     from handlers.spec import ArtifactManifest, parse
 
@@ -199,8 +199,8 @@ def test_the_build_stores_the_profile_of_its_artifact(digits_store):
     """build_artifact profiles the served artifact's predictions on the spec's samples (archiver/build.py)."""
     import os
 
-    from archiver.drift import PROFILE_KEY
-    from archiver.package import read_manifest
+    from archiver.operate.drift import PROFILE_KEY
+    from archiver.package.archive import read_manifest
 
     validation = read_manifest(os.path.join(digits_store["store"], "digits_v1.0.mar")).validation
     x = np.load(digits_store["samples"])["x"]

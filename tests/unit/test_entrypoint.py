@@ -79,7 +79,7 @@ def test_state_folder_is_prepared(entrypoint, tmp_path):
 
 def test_the_server_is_recorded_for_the_tspack_commands(entrypoint, tmp_path):
     """`tspack serve status --run-dir <state>` inside the container reads this record."""
-    server = pytest.importorskip("archiver.server")
+    server = pytest.importorskip("archiver.operate.server")
     config = tmp_path / "config.properties"
     config.write_text("inference_address=http://0.0.0.0:8080\nmetrics_address=http://0.0.0.0:8082\n")
     entrypoint.record_server(["torchserve", "--start", "--ts-config", str(config)], str(tmp_path), 4321, None)
@@ -99,7 +99,7 @@ def test_unusable_state_folder_stops_the_container_with_the_fix(tmp_path):
 
 def test_without_a_record_the_image_config_starts(entrypoint, tmp_path):
     """No deployment.json in the state folder (first start): the command runs with the image's config."""
-    pytest.importorskip("archiver.restore")
+    pytest.importorskip("archiver.operate.restore")
     config = tmp_path / "config.properties"
     config.write_text(f"model_store={tmp_path}\nload_models=digits_v1.0.mar\n")
     state = tmp_path / "state"

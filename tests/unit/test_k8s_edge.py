@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from archiver.k8s import STATE_DIR, K8sConfig, add_k8s_parser, render_manifests, write_manifests
+from archiver.deploy.k8s import STATE_DIR, K8sConfig, add_k8s_parser, render_manifests, write_manifests
 from handlers.errors import SpecError
 
 K8S_VERSION = "1.37.0"

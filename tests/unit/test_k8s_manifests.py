@@ -1,4 +1,4 @@
-"""The Kubernetes manifests of archiver/k8s.py for the image built from docker/Dockerfile.
+"""The Kubernetes manifests of archiver/deploy/k8s.py for the image built from docker/Dockerfile.
 
 Manifests are validated offline against the Kubernetes 1.37 schemas bundled by `kubernetes-validate`.
 """
@@ -12,7 +12,7 @@ import re
 import pytest
 import yaml
 
-from archiver.k8s import (
+from archiver.deploy.k8s import (
     GPU_RESOURCE,
     HEALTHCHECK,
     STATE_DIR,

@@ -45,7 +45,7 @@ def handler(request, built, tmp_path):
 
 
 def test_build_records_named_inputs_outputs_and_two_lengths(built):
-    from archiver.package import read_manifest
+    from archiver.package.archive import read_manifest
 
     manifest = read_manifest(os.path.join(built["store"], "sequence_v1.0.mar"))
     assert [i.name for i in manifest.inputs] == ["input_ids", "attention_mask"]
@@ -135,7 +135,7 @@ def test_validation_at_a_second_length_catches_a_length_specialised_trace(tmp_pa
     path = tmp_path / "site-packages" / "specialised.py"
     path.write_text(LENGTH_SPECIALISED)
     torch.manual_seed(0)
-    from archiver.export import import_object
+    from archiver.optimize.export import import_object
 
     weights = tmp_path / "w.pt"
     torch.save(import_object(f"{path}:Specialised")().state_dict(), weights)

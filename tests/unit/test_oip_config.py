@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from archiver.cli import build_parser
-from archiver.serving import ServerConfig
-from archiver.status import endpoints, format_status
+from archiver.deploy.properties import ServerConfig
+from archiver.operate.status import endpoints, format_status
 
 
 def test_config_turns_torchserve_oip_on_unless_asked_not_to():

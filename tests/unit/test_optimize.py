@@ -12,7 +12,7 @@ import torch
 
 from archiver.build import build
 from archiver.errors import BuildError
-from archiver.package import read_manifest
+from archiver.package.archive import read_manifest
 from archiver.spec import DeploySpec
 from handlers.errors import SpecError
 from handlers.spec import parse
@@ -86,7 +86,7 @@ def test_pruning_reaches_the_sparsity_and_reports_accuracy(tmp_path, trained):
     assert entries["l1"].passed and entries["l1"].sparsity == pytest.approx(0.3, abs=0.01)
     assert entries["global"].passed and entries["global"].sparsity == pytest.approx(0.6, abs=0.01)
     assert entries["global"].accuracy >= entries["global"].reference_accuracy - 0.02
-    from archiver.prune import sparsity
+    from archiver.optimize.prune import sparsity
 
     loaded = torch.jit.load(os.path.join(support.extract(entries["global"].archive, str(tmp_path / "x")), "model.pt"))
     assert sum(int((p == 0).sum()) for p in loaded.parameters()) > 0.5 * sum(p.numel() for p in loaded.parameters()
@@ -100,7 +100,7 @@ def test_fp16_without_a_gpu_is_built_but_never_claimed_validated(tmp_path, train
     assert entry.max_abs_error is None and entry.latency_ms_b1 is None
     manifest = read_manifest(entry.archive)
     assert manifest.validation["validated"] is False and manifest.runtime.precision == "fp16"
-    from archiver.report import format_table
+    from archiver.package.report import format_table
 
     assert "BUILT-UNVALIDATED" in format_table([entry])
 
@@ -154,7 +154,7 @@ def test_custom_op_symbolic_hook_is_registered_before_export(tmp_path, trained):
 
 
 def test_distillation_gives_a_quarter_size_student_with_95_percent_of_the_teacher(trained):
-    from archiver.distill import distill
+    from archiver.optimize.distill import distill
     from archiver.zoo.digits_student import DigitsStudent
     from archiver.zoo.digits_training import accuracy
 
@@ -169,7 +169,7 @@ def test_distillation_gives_a_quarter_size_student_with_95_percent_of_the_teache
 
 
 def test_distillation_loss_matches_its_definition():
-    from archiver.distill import distillation_loss
+    from archiver.optimize.distill import distillation_loss
 
     student, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 1.0, 0.0]])
     labels = torch.tensor([0])
@@ -207,7 +207,7 @@ def test_bad_optimization_specs_are_refused_naming_the_key(tmp_path, trained, ar
 def test_dynamic_int8_refusals_are_clear():
     from torch import nn
 
-    from archiver.quantize import quantize_dynamic_torch
+    from archiver.optimize.quantize import quantize_dynamic_torch
 
     with pytest.raises(BuildError, match="TransformerEncoderLayer.*use format: onnx"):
         quantize_dynamic_torch(nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)))
@@ -218,8 +218,8 @@ def test_dynamic_int8_refusals_are_clear():
 def test_torch_dynamic_int8_quantizes_gru_and_linear_and_traces():
     from torch import nn
 
-    from archiver.export import to_torchscript
-    from archiver.quantize import quantize_dynamic_torch
+    from archiver.optimize.export import to_torchscript
+    from archiver.optimize.quantize import quantize_dynamic_torch
 
     class GRUNet(nn.Module):
         def __init__(self):
@@ -247,8 +247,8 @@ def test_torch_dynamic_int8_quantizes_gru_and_linear_and_traces():
 def test_fp16_is_held_to_an_fp16_tolerance_not_the_fp32_one(trained):
     """On a GPU host the fp16 artifact is validated; its criteria must fit half precision (checked on CPU)."""
     from archiver.build import FP16_TOLERANCE, _criteria
+    from archiver.optimize.validate import compare
     from archiver.spec import ArtifactSpec, ModelSpec
-    from archiver.validate import compare
 
     model = parse(ModelSpec, support.digits_model("digits", "1.0", trained["weights"], trained["heldout"]))
     fp16, fp32 = parse(ArtifactSpec, {"format": "torchscript", "precision": "fp16"}), parse(ArtifactSpec, {})

@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import yaml
 
-from archiver.placement import Deployed, assign, device_config, placement_table
+from archiver.deploy.placement import Deployed, assign, device_config, placement_table
 from archiver.spec import ServingSpec
 from handlers.errors import SpecError
 from handlers.spec import parse

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from archiver.errors import SpecError  # noqa: E402
-from archiver.pretrained import DEFAULT_TEXTS, NamedInputs, load_pretrained  # noqa: E402
+from archiver.optimize.pretrained import DEFAULT_TEXTS, NamedInputs, load_pretrained  # noqa: E402
 from archiver.zoo.text_classifier import save_folder, tiny_bert, train_wordpiece, untrained_folder  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from archiver.cli import main as tspack_main
-from archiver.serving import ARCHIVE_NAME, ServerConfig, read_properties, write_config
+from archiver.deploy.properties import ARCHIVE_NAME, ServerConfig, read_properties, write_config
 from archiver.spec import ModelSpec
 from handlers.spec import ImageSpec
 from tests.support import REPO

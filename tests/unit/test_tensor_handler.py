@@ -209,7 +209,7 @@ def test_metrics_are_emitted_through_torchserve(digits_dir, tmp_path, caplog):
 
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    from archiver.serving import metrics_config_text
+    from archiver.deploy.properties import metrics_config_text
 
     config = tmp_path / "metrics.yaml"
     config.write_text(metrics_config_text())

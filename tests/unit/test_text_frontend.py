@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from archiver.pretrained import DEFAULT_TEXTS, load_pretrained  # noqa: E402
+from archiver.optimize.pretrained import DEFAULT_TEXTS, load_pretrained  # noqa: E402
 from archiver.zoo.text_classifier import untrained_folder  # noqa: E402
 from handlers.frontends.text import TextFrontend  # noqa: E402
 from handlers.pipeline import Pipeline  # noqa: E402

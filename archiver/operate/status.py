@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import requests
 
-from archiver.client import TorchServeClient
 from archiver.errors import ApiError, ServerError
+from archiver.operate.client import TorchServeClient
 
 HISTORY_FILE = "metrics_history.json"
 HISTORY_KEEP_S = 900
@@ -121,7 +121,7 @@ def _error_rate(run_dir: str, counts: dict[str, float]) -> dict:
 
 
 def server_status(run_dir: str) -> dict:
-    from archiver.server import ServerHandle
+    from archiver.operate.server import ServerHandle
 
     run_dir = os.path.abspath(run_dir)
     try:
@@ -152,8 +152,8 @@ def server_status(run_dir: str) -> dict:
 
 def _record_summary(run_dir: str) -> Optional[dict]:
     """Where the deployment record is, when it was last written, and how many versions it holds."""
-    from archiver.deployment import load, record_path
     from archiver.errors import DeploymentError
+    from archiver.operate.deployment import load, record_path
 
     try:
         deployment = load(run_dir)

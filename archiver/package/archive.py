@@ -31,7 +31,7 @@ MODEL_CONFIG_FILE = "model-config.yaml"
 def model_config(serving: ServingSpec, gpus: int = 0, extra: Optional[dict] = None) -> dict:
     """The archive's model-config.yaml: TorchServe reads workers, devices and batching here, our handler
     its `handler:` section. `gpus` is the GPU count of the host the archive is built for."""
-    from archiver.placement import device_config
+    from archiver.deploy.placement import device_config
 
     config = {
         **device_config(serving, gpus),

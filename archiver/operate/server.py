@@ -24,9 +24,9 @@ from typing import Optional
 
 import requests
 
-from archiver.client import TorchServeClient
+from archiver.deploy.properties import read_properties
 from archiver.errors import ApiError, ServerError
-from archiver.serving import read_properties
+from archiver.operate.client import TorchServeClient
 
 STATE_FILE = "server.json"
 DEFAULT_RUN_DIR = os.path.join(".tspack", "server")

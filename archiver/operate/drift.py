@@ -209,7 +209,7 @@ def served_histograms(samples: list[tuple[str, dict, float]], model: str,
 
 def compare(profile: dict, samples: list[tuple[str, dict, float]], model: str, version: str,
             max_psi: float = DEFAULT_MAX_PSI, min_count: int = DEFAULT_MIN_COUNT) -> DriftReport:
-    """Compare parsed metrics (archiver.status.parse_prometheus) with a build profile.
+    """Compare parsed metrics (archiver.operate.status.parse_prometheus) with a build profile.
 
     Raises: DriftError when fewer than `min_count` predictions were served (PSI on a handful is noise).
     """
@@ -238,13 +238,13 @@ def drift_report(handle: Any, model: str, version: Optional[str] = None, max_psi
                  min_count: int = DEFAULT_MIN_COUNT) -> DriftReport:
     """Read the server's metrics port and the served archive's profile, and compare them.
 
-    Args: handle: archiver.server.ServerHandle of the running server.
+    Args: handle: archiver.operate.server.ServerHandle of the running server.
     Raises: DriftError (no profile, too few predictions), ApiError (the server refused), BuildError (not a
     tspack archive, e.g. an A/B router: run it on each variant's model).
     """
-    from archiver.package import read_manifest
-    from archiver.serving import read_properties
-    from archiver.status import parse_prometheus
+    from archiver.deploy.properties import read_properties
+    from archiver.operate.status import parse_prometheus
+    from archiver.package.archive import read_manifest
 
     client = handle.client()
     store = read_properties(handle.config_path).get("model_store", "")

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from archiver.client import TorchServeClient
 from archiver.errors import ApiError, ServerError
+from archiver.operate.client import TorchServeClient
 
 
 @dataclass

@@ -3,7 +3,7 @@
 `deployment.json` lists every model version (archive, SHA-256 of its bytes, workers, batching) and each
 model's default version. The `tspack` commands that change a deployment (register, set-default, unregister,
 swap, scale) rewrite it from what the server reports afterwards; `tspack serve start` restores from it
-(archiver/restore.py).
+(archiver/operate/restore.py).
 
 Why our own record and not TorchServe's snapshot (read in TorchServe 0.12.0's frontend):
 - ConfigManager reads the last snapshot only when no `--ts-config` is given, and then the snapshot's saved
@@ -27,8 +27,8 @@ from typing import Optional
 
 import requests
 
-from archiver.client import TorchServeClient
 from archiver.errors import ApiError, DeploymentError
+from archiver.operate.client import TorchServeClient
 
 RECORD_FILE = "deployment.json"
 FORMAT = 1

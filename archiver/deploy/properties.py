@@ -14,8 +14,8 @@ from typing import Literal, Optional
 
 import yaml
 
-from archiver.alerts import ALERTS_FILE, AlertThresholds, baselines, write_alerts
-from archiver.placement import Deployed
+from archiver.deploy.alerts import ALERTS_FILE, AlertThresholds, baselines, write_alerts
+from archiver.deploy.placement import Deployed
 from handlers.metrics import metrics_yaml_section
 from handlers.spec import require
 

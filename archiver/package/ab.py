@@ -20,8 +20,8 @@ import zipfile
 import yaml
 
 from archiver.errors import BuildError
-from archiver.package import HANDLERS_DIR, archive_file_name, build_mar, read_manifest
-from archiver.report import ArtifactReport
+from archiver.package.archive import HANDLERS_DIR, archive_file_name, build_mar, read_manifest
+from archiver.package.report import ArtifactReport
 from archiver.spec import ABSpec
 from handlers.device import Placement
 from handlers.errors import SpecError

@@ -21,11 +21,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from archiver import deployment as record
+from archiver.deploy.properties import read_properties
 from archiver.errors import ServerError
-from archiver.operate import wait_ready
-from archiver.server import DEFAULT_RUN_DIR, ServerHandle, ensure_not_running, start
-from archiver.serving import read_properties
+from archiver.operate import deployment as record
+from archiver.operate.server import DEFAULT_RUN_DIR, ServerHandle, ensure_not_running, start
+from archiver.operate.swap import wait_ready
 
 EFFECTIVE_CONFIG = "effective.properties"
 MODEL_LINES = ("load_models=", "models=")

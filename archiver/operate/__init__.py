@@ -1,0 +1,2 @@
+"""Operating a running TorchServe: start/stop, the token-aware client, version swaps, status, the
+deployment record and its restore, drift, the OIP gRPC client."""

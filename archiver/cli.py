@@ -10,12 +10,13 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 from typing import Optional
 
 from archiver.deploy.k8s import add_k8s_parser
+from archiver.deploy.properties import entry_from_archive
 from archiver.errors import TspackCliError
+from archiver.package.archive import copy_into_store
 from archiver.tables import render
 from handlers.errors import SpecError
 from handlers.registry import FRONTENDS, RUNTIMES
@@ -186,35 +187,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def entry_from_archive(item: str, store: str, gpus: Optional[int] = None):
-    """`[name=]archive.mar` -> ModelEntry, with name, version, workers and batching read from the archive.
-
-    With `gpus`, the archive's GPU ids are checked against that many GPUs.
-    """
-    from archiver.deploy.properties import ModelEntry
-    from archiver.package.archive import archive_info
-
-    name, _, archive = item.rpartition("=")
-    path = archive if os.path.isabs(archive) or os.path.exists(archive) else os.path.join(store, archive)
-    if not os.path.isfile(path):
-        raise SpecError(f"--load: archive not found: {archive} (looked in {store})")
-    if os.path.dirname(os.path.abspath(path)) != store:
-        raise SpecError(f"--load: {archive} is not in the model store {store}; build it there or pass --model-store")
-    model_name, version, model_config = archive_info(path)
-    ids = tuple(model_config.get("deviceIds") or ())
-    if gpus is not None and any(i >= gpus for i in ids):
-        raise SpecError(f"--load: {os.path.basename(path)} places workers on GPUs {list(ids)}, but this host has "
-                        f"{gpus}; TorchServe would silently drop the list. Rebuild it with --gpus {gpus}")
-    if gpus == 0 and (model_config.get("handler") or {}).get("cpu_fallback") is False:
-        raise SpecError(f"--load: {os.path.basename(path)} requires a GPU (cpu_fallback: false) and this host has none")
-    return ModelEntry(
-        name=name or model_name, version=version, mar=os.path.basename(path),
-        workers=model_config.get("minWorkers", 1), max_workers=model_config.get("maxWorkers"),
-        batch_size=model_config.get("batchSize", 1), max_batch_delay_ms=model_config.get("maxBatchDelay", 100),
-        response_timeout_s=model_config.get("responseTimeout", 120), device_type=model_config.get("deviceType"),
-        device_ids=ids)
-
-
 # --- serve ---------------------------------------------------------------------------------------------
 
 
@@ -300,8 +272,7 @@ def _register(args: argparse.Namespace, handle, props: dict, archive: str) -> in
 
     workflow = archive.endswith(".war")
     store = props.get("workflow_store" if workflow else "model_store") or props.get("model_store", "")
-    if os.path.dirname(archive) != os.path.abspath(store):
-        shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
+    if copy_into_store(archive, store):
         print(f"copied {os.path.basename(archive)} into {store}")
     client = handle.client()
     if workflow:
@@ -332,8 +303,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
     probe = json.loads(args.probe) if args.probe else None
     with recording(args) as handle:
         store = read_properties(handle.config_path).get("model_store", "")
-        if os.path.dirname(archive) != os.path.abspath(store):
-            shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
+        copy_into_store(archive, store)
         result = swap_version(handle.client(), model, os.path.basename(archive), version, args.workers, args.drain,
                               retire=not args.keep_old, probe=probe)
     for line in result.steps:

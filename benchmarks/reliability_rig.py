@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from archiver.build import build
-from archiver.cli import entry_from_archive
 from archiver.cli import main as tspack_main
+from archiver.deploy.properties import entry_from_archive
 from archiver.operate.client import TorchServeClient
 from archiver.operate.server import ServerHandle, free_ports, start, stop
 from archiver.spec import DeploySpec

@@ -16,6 +16,8 @@ import yaml
 
 from archiver.deploy.alerts import ALERTS_FILE, AlertThresholds, baselines, write_alerts
 from archiver.deploy.placement import Deployed
+from archiver.package.archive import archive_info
+from handlers.errors import SpecError
 from handlers.metrics import metrics_yaml_section
 from handlers.spec import require
 
@@ -247,3 +249,29 @@ def read_properties(path: str) -> dict[str, str]:
             key, _, value = line.partition("=")
             props[key.strip()] = value.strip()
     return props
+
+
+def entry_from_archive(item: str, store: str, gpus: Optional[int] = None):
+    """`[name=]archive.mar` -> ModelEntry, with name, version, workers and batching read from the archive.
+
+    With `gpus`, the archive's GPU ids are checked against that many GPUs.
+    """
+    name, _, archive = item.rpartition("=")
+    path = archive if os.path.isabs(archive) or os.path.exists(archive) else os.path.join(store, archive)
+    if not os.path.isfile(path):
+        raise SpecError(f"--load: archive not found: {archive} (looked in {store})")
+    if os.path.dirname(os.path.abspath(path)) != store:
+        raise SpecError(f"--load: {archive} is not in the model store {store}; build it there or pass --model-store")
+    model_name, version, model_config = archive_info(path)
+    ids = tuple(model_config.get("deviceIds") or ())
+    if gpus is not None and any(i >= gpus for i in ids):
+        raise SpecError(f"--load: {os.path.basename(path)} places workers on GPUs {list(ids)}, but this host has "
+                        f"{gpus}; TorchServe would silently drop the list. Rebuild it with --gpus {gpus}")
+    if gpus == 0 and (model_config.get("handler") or {}).get("cpu_fallback") is False:
+        raise SpecError(f"--load: {os.path.basename(path)} requires a GPU (cpu_fallback: false) and this host has none")
+    return ModelEntry(
+        name=name or model_name, version=version, mar=os.path.basename(path),
+        workers=model_config.get("minWorkers", 1), max_workers=model_config.get("maxWorkers"),
+        batch_size=model_config.get("batchSize", 1), max_batch_delay_ms=model_config.get("maxBatchDelay", 100),
+        response_timeout_s=model_config.get("responseTimeout", 120), device_type=model_config.get("deviceType"),
+        device_ids=ids)

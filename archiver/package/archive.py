@@ -140,3 +140,12 @@ def archive_info(mar_path: str) -> tuple[str, str, dict]:
 
 def archive_file_name(name: str, version: str) -> str:
     return f"{name}_v{version}.mar"
+
+
+def copy_into_store(archive: str, store: str) -> bool:
+    """Put `archive` into the model store TorchServe reads (it registers archives by file name only there).
+    True when it was copied, False when it was already there."""
+    if os.path.dirname(os.path.abspath(archive)) == os.path.abspath(store):
+        return False
+    shutil.copy2(archive, os.path.join(store, os.path.basename(archive)))
+    return True

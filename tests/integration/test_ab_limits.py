@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from archiver.build import build
-from archiver.cli import entry_from_archive
+from archiver.deploy.properties import entry_from_archive
 from archiver.operate.server import stop
 from archiver.spec import DeploySpec
 from handlers.routing import RoutingPolicy, Variant

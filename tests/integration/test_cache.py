@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from archiver.cli import entry_from_archive
+from archiver.deploy.properties import entry_from_archive
 from archiver.operate.server import stop
 from archiver.operate.status import parse_prometheus
 from archiver.package.archive import archive_info

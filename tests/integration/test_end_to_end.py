@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 
-from archiver.cli import entry_from_archive
+from archiver.deploy.properties import entry_from_archive
 from archiver.errors import ServerError
 from archiver.operate.server import stop
 from tests import support

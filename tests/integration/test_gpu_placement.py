@@ -14,8 +14,8 @@ from collections import defaultdict
 import pytest
 
 from archiver.build import build
-from archiver.cli import entry_from_archive
 from archiver.deploy.placement import assign
+from archiver.deploy.properties import entry_from_archive
 from archiver.operate.server import stop
 from archiver.spec import DeploySpec
 from handlers.spec import parse

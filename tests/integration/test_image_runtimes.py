@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from archiver.cli import entry_from_archive
+from archiver.deploy.properties import entry_from_archive
 from archiver.operate.server import stop
 from handlers.frontends.image import preprocess
 from handlers.spec import ImageSpec

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from archiver.cli import entry_from_archive
-from archiver.deploy.properties import read_properties
+from archiver.deploy.properties import entry_from_archive, read_properties
 from archiver.operate.server import stop
 from tests import support
 

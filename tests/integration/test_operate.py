@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from archiver.cli import entry_from_archive
+from archiver.deploy.properties import entry_from_archive
 from archiver.operate.server import stop
 from archiver.operate.status import model_versions
 from tests import support

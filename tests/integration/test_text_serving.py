@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from archiver.cli import entry_from_archive  # noqa: E402
+from archiver.deploy.properties import entry_from_archive  # noqa: E402
 from archiver.operate.server import stop  # noqa: E402
 from archiver.optimize.pretrained import DEFAULT_TEXTS, load_pretrained  # noqa: E402
 from archiver.zoo.text_classifier import untrained_folder  # noqa: E402

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
-from archiver.deploy.k8s import add_k8s_parser
+from archiver.deploy import k8s
 from archiver.deploy.properties import entry_from_archive
 from archiver.errors import TspackCliError
 from archiver.package.archive import copy_into_store
@@ -379,6 +380,39 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------------------
+
+
+# --- k8s -----------------------------------------------------------------------------------------------
+
+
+def add_k8s_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `k8s` subcommand (flags mirror K8sConfig) to an argparse subparsers object."""
+    k = subparsers.add_parser("k8s", help="write Kubernetes manifests (Deployment, Service, HPA; Ingress, PVC) for "
+                              "the image")
+    for field in dataclasses.fields(k8s.K8sConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = int if isinstance(field.default, int) else str
+        extra: dict[str, Any] = {"choices": k8s.SERVICE_TYPES} if field.name == "service_type" else {}
+        k.add_argument(flag, type=kind, default=field.default, help=k8s.FLAG_HELP[field.name], **extra)
+    k.add_argument("--out", default=os.path.join("docker", "k8s"),
+                   help="folder for the YAML files (default: %(default)s)")
+    k.set_defaults(func=cmd_k8s)
+    return k
+
+
+def config_from_args(args: argparse.Namespace) -> k8s.K8sConfig:
+    return k8s.K8sConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(k8s.K8sConfig)})
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    for path in k8s.write_manifests(config, args.out):
+        print(f"wrote {path}")
+    print(f"{config.variant} variant, image {config.image_ref}: kubectl apply -f {args.out}")
+    if config.rate_limit:
+        print(f"rate limit: {config.rate_limit} requests/s per client IP (burst {k8s.BURST_MULTIPLIER}x) at "
+              f"ingress-nginx; it answers 503 over the limit unless its ConfigMap sets limit-req-status-code: \"429\"")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

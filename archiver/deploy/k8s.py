@@ -25,8 +25,6 @@ Options (issues 20 and 21):
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -389,10 +387,8 @@ def _remove_stale(out_dir: str, kinds: set[str]) -> None:
             os.remove(path)
 
 
-# --- command line --------------------------------------------------------------------------------------
-
-
-_HELP = {
+# The help of each K8sConfig field as a `tspack k8s` flag (archiver/cli.py builds the flags from the fields).
+FLAG_HELP = {
     "name": "name of the Deployment, Service and HPA, a DNS-1035 label (default: %(default)s)",
     "image": "image built from docker/Dockerfile (default: tspack-serve:cpu, or tspack-serve:gpu with --gpu)",
     "replicas": "initial replicas, within --min-replicas..--max-replicas (default: %(default)s)",
@@ -421,33 +417,3 @@ _HELP = {
     "state_size": "storage request of --state-claim (default: %(default)s)",
     "state_storage_class": "StorageClass of --state-claim, '' for the cluster's default (default: %(default)r)",
 }
-
-
-def add_k8s_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `k8s` subcommand (flags mirror K8sConfig) to an argparse subparsers object."""
-    k = subparsers.add_parser("k8s", help="write Kubernetes manifests (Deployment, Service, HPA; Ingress, PVC) for "
-                              "the image")
-    for field in dataclasses.fields(K8sConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = int if isinstance(field.default, int) else str
-        extra: dict[str, Any] = {"choices": SERVICE_TYPES} if field.name == "service_type" else {}
-        k.add_argument(flag, type=kind, default=field.default, help=_HELP[field.name], **extra)
-    k.add_argument("--out", default=os.path.join("docker", "k8s"),
-                   help="folder for the YAML files (default: %(default)s)")
-    k.set_defaults(func=cmd_k8s)
-    return k
-
-
-def config_from_args(args: argparse.Namespace) -> K8sConfig:
-    return K8sConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(K8sConfig)})
-
-
-def cmd_k8s(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    for path in write_manifests(config, args.out):
-        print(f"wrote {path}")
-    print(f"{config.variant} variant, image {config.image_ref}: kubectl apply -f {args.out}")
-    if config.rate_limit:
-        print(f"rate limit: {config.rate_limit} requests/s per client IP (burst {BURST_MULTIPLIER}x) at ingress-nginx; "
-              f"it answers 503 over the limit unless its ConfigMap sets limit-req-status-code: \"429\"")
-    return 0

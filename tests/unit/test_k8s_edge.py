@@ -13,7 +13,8 @@ import re
 import pytest
 import yaml
 
-from archiver.deploy.k8s import STATE_DIR, K8sConfig, add_k8s_parser, render_manifests, write_manifests
+from archiver.cli import add_k8s_parser
+from archiver.deploy.k8s import STATE_DIR, K8sConfig, render_manifests, write_manifests
 from handlers.errors import SpecError
 
 K8S_VERSION = "1.37.0"

@@ -12,12 +12,12 @@ import re
 import pytest
 import yaml
 
+from archiver.cli import add_k8s_parser
 from archiver.deploy.k8s import (
     GPU_RESOURCE,
     HEALTHCHECK,
     STATE_DIR,
     K8sConfig,
-    add_k8s_parser,
     render_manifests,
     write_manifests,
 )

@@ -169,10 +169,11 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise SpecError(message) unless `condition`: the one validation helper of every spec dataclass."""
+def require(condition: bool, message: str, error: type[Exception] = SpecError) -> None:
+    """Raise error(message) unless `condition`: the one validation helper of every spec dataclass (and of the
+    checks that raise their own error type)."""
     if not condition:
-        raise SpecError(message)
+        raise error(message)
 
 
 _require = require

@@ -13,6 +13,7 @@ alerts.yaml asks the same over the last hour.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 
 from archiver.errors import TspackCliError
 from handlers.metrics import PREDICTIONS, TOP1, TOP1_EDGES, bucket_name
+from handlers.spec import require
 
 PROFILE_KEY = "prediction_profile"
 DEFAULT_MAX_PSI = 0.2  # the usual reading: < 0.1 stable, 0.1-0.2 watch, > 0.2 shifted
@@ -35,9 +37,7 @@ class DriftError(TspackCliError):
     """Drift cannot be measured: no profile in the archive, too few served predictions, a bad profile."""
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise DriftError(message)
+_require = functools.partial(require, error=DriftError)
 
 
 # --- the build side ------------------------------------------------------------------------------------

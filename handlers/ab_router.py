@@ -18,13 +18,13 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Optional
 
-from handlers.base import is_describe_request, quiet_worker_logs, warm_up, write_answers
+from handlers.base import ServingHandler, warm_up
 from handlers.cache import cache_for
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError, TspackError
 from handlers.metrics import HandlerMetrics
 from handlers.pipeline import Answer, BatchStats, Pipeline
-from handlers.request import requests_from_batch
+from handlers.request import Request
 from handlers.routing import ROUTER_MANIFEST_FILE, RouterManifest, body_limit, json_body
 from handlers.shadow import ShadowRunner
 
@@ -34,16 +34,16 @@ VARIANT_HEADER = "X-Tspack-Variant"
 VERSION_HEADER = "X-Tspack-Model-Version"
 
 
-class ABRouterHandler:
+class ABRouterHandler(ServingHandler):
     def __init__(self):
-        self.initialized = False
+        super().__init__()
         self.manifest: Optional[RouterManifest] = None
         self.pipelines: dict[str, Pipeline] = {}
         self.shadow: Optional[ShadowRunner] = None
         self.rng = random.Random()
         self.body_limit: Optional[int] = None
 
-    def initialize(self, context: Any) -> None:
+    def load(self, context: Any) -> None:
         model_dir = context.system_properties["model_dir"]
         path = os.path.join(model_dir, ROUTER_MANIFEST_FILE)
         try:
@@ -68,11 +68,9 @@ class ABRouterHandler:
             warm_up(shadow_pipeline)
             self.shadow = ShadowRunner(shadow_pipeline, shadow.name, self.metrics.shadow, shadow.sample_rate,
                                        shadow.queue_size)
-        self.initialized = True
         variants = [(v.name, v.weight, self.pipelines[v.name].manifest.version) for v in self.manifest.policy.variants]
         logger.info("tspack router %s %s: variants %s, shadow %s", self.manifest.name, self.manifest.version,
                     variants, shadow.name if shadow else None)
-        quiet_worker_logs(context)
 
     def route(self, requests: list) -> tuple[dict[str, list[int]], dict[int, Answer]]:
         """Variant name -> request indices; requests whose routing key is invalid get their 4xx here."""
@@ -89,10 +87,7 @@ class ABRouterHandler:
                 refused[idx] = Answer.from_error(exc)
         return groups, refused
 
-    def handle(self, data: list, context: Any) -> list:
-        if is_describe_request(context):
-            return [json.dumps(self.describe())]
-        requests = requests_from_batch(data, context)
+    def answer(self, requests: list[Request], context: Any) -> list[Answer]:
         groups, refused = self.route(requests)
         answers: list[Optional[Answer]] = [refused.get(i) for i in range(len(requests))]
         for name, indices in groups.items():
@@ -112,7 +107,7 @@ class ABRouterHandler:
         if refused:
             errors = Counter(a.error_type for a in refused.values())
             self.metrics.record(list(refused.values()), BatchStats(errors=dict(errors)), 0.0, variant="unrouted")
-        return write_answers(answers, context)
+        return answers
 
     def describe(self) -> dict:
         from handlers.spec import to_dict

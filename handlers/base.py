@@ -16,12 +16,12 @@ from typing import Any, ClassVar, Optional
 from handlers import jsonio
 from handlers.cache import cache_for
 from handlers.device import placement_for
-from handlers.errors import ModelLoadError, TspackError
+from handlers.errors import ModelLoadError
 from handlers.frontends import frontend_for
 from handlers.metrics import NO_VARIANT, HandlerMetrics
 from handlers.pipeline import Answer, BatchStats, Pipeline, bridge_safe
 from handlers.request import Decoded, Request, requests_from_batch
-from handlers.routing import SKIPPED, unwrap, workflow_variant
+from handlers.routing import decode_for_node, workflow_variant
 from handlers.runtimes import load_runtime
 from handlers.spec import ArtifactManifest
 
@@ -50,21 +50,50 @@ def write_answers(answers: list[Answer], context: Any) -> list[bytes]:
     return bodies
 
 
-class TspackHandler:
+class ServingHandler:
+    """The skeleton of every tspack entry class (one artifact, or the A/B router): TorchServe's initialize/handle
+    contract, `describe`, and each request's own status. Subclasses load what they serve and answer a batch."""
+
+    def __init__(self):
+        self.initialized = False
+        self.context: Any = None
+        self.metrics: Optional[HandlerMetrics] = None
+
+    def initialize(self, context: Any) -> None:
+        self.context = context
+        self.load(context)
+        self.initialized = True
+        quiet_worker_logs(context)
+
+    def handle(self, data: list, context: Any) -> list:
+        if is_describe_request(context):
+            return [json.dumps(self.describe())]
+        return write_answers(self.answer(requests_from_batch(data, context), context), context)
+
+    def load(self, context: Any) -> None:
+        """Read the archive in `context.system_properties["model_dir"]` and make it ready to answer."""
+        raise NotImplementedError
+
+    def answer(self, requests: list[Request], context: Any) -> list[Answer]:
+        """One answer per request, in order; a bad request gets its own error answer, never the batch's."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class TspackHandler(ServingHandler):
     """Serves one artifact. Subclasses set `frontend_name` to the front end they accept."""
 
     frontend_name: ClassVar[Optional[str]] = None
 
     def __init__(self):
-        self.initialized = False
-        self.context: Any = None
+        super().__init__()
         self.pipeline: Optional[Pipeline] = None
-        self.metrics: Optional[HandlerMetrics] = None
         self.model_dir = ""
         self.workflow_variant: Optional[str] = None
 
-    def initialize(self, context: Any) -> None:
-        self.context = context
+    def load(self, context: Any) -> None:
         self.model_dir = context.system_properties["model_dir"]
         manifest = ArtifactManifest.load(self.model_dir)
         if self.frontend_name and manifest.frontend != self.frontend_name:
@@ -77,17 +106,12 @@ class TspackHandler:
         self.metrics = HandlerMetrics(context, manifest)
         self.workflow_variant = workflow_variant(getattr(context, "model_name", None))
         warm_up(self.pipeline)
-        self.initialized = True
         logger.info("tspack loaded %s %s: %s from %s", manifest.name, manifest.version,
                     runtime.describe(), os.path.dirname(os.path.abspath(__file__)))
-        quiet_worker_logs(context)
 
-    def handle(self, data: list, context: Any) -> list:
-        if is_describe_request(context):
-            return [json.dumps(self.describe())]
+    def answer(self, requests: list[Request], context: Any) -> list[Answer]:
         started = time.perf_counter()
         stats = BatchStats()
-        requests = requests_from_batch(data, context)
         decoded = [self.decode(request) for request in requests]
         meta = self.pipeline.meta
         if self.workflow_variant:
@@ -97,21 +121,11 @@ class TspackHandler:
         if served:
             self.metrics.record(served, stats, (time.perf_counter() - started) * 1000.0,
                                 variant=self.workflow_variant or NO_VARIANT)
-        return write_answers(answers, context)
+        return answers
 
     def decode(self, request: Request) -> Decoded | Answer:
-        """Decode one request; inside an A/B workflow, answer at once when another variant was chosen."""
-        if self.workflow_variant:
-            try:
-                routed = unwrap(request)
-            except TspackError as exc:
-                return Answer.from_error(exc)
-            if routed is not None:
-                variant, request = routed
-                if variant is None:  # the route node refused the request: every node answers its error
-                    return Answer(request["status"], request, error_type=request["type"])
-                if variant != self.workflow_variant:
-                    return Answer(200, dict(SKIPPED), skipped=True)
+        if self.workflow_variant:  # a node of an A/B workflow: the routing envelope decides who answers
+            return decode_for_node(request, self.workflow_variant, self.pipeline.decode)
         return self.pipeline.decode(request)
 
     def describe(self) -> dict:

@@ -15,11 +15,12 @@ import binascii
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from handlers import jsonio
-from handlers.errors import InvalidRouteKey, MalformedPayload, SpecError
+from handlers.errors import InvalidRouteKey, MalformedPayload, SpecError, TspackError
 from handlers.request import Request
 
 ENVELOPE_KEY = "tspack_route"
@@ -195,6 +196,26 @@ def unwrap(request: Request) -> Optional[tuple[Optional[str], Request | dict]]:
         raise MalformedPayload(f"'{ENVELOPE_KEY}.body' is not base64: {exc}") from exc
     original = Request(payload=body, content_type=str(route.get("content_type") or ""), headers=request.headers)
     return str(route.get("variant")), original
+
+
+def decode_for_node(request: Request, node: str, decode: Callable[[Request], Any]) -> Any:
+    """Decode a request that reached the A/B workflow node `node`: a request routed to another variant is answered
+    at once without inference (TorchServe's DAG sends every request to every node), a request the route node refused
+    is answered with the route node's error, and one routed here is decoded with `decode`."""
+    from handlers.pipeline import Answer  # the pipeline loads runtimes; the spec side imports this module too
+
+    try:
+        routed = unwrap(request)
+    except TspackError as exc:
+        return Answer.from_error(exc)
+    if routed is None:
+        return decode(request)
+    variant, original = routed
+    if variant is None:
+        return Answer(original["status"], original, error_type=original["type"])
+    if variant != node:
+        return Answer(200, dict(SKIPPED), skipped=True)
+    return decode(original)
 
 
 def workflow_variant(model_name: Optional[str]) -> Optional[str]:

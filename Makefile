@@ -44,11 +44,11 @@ bench: java $(STAMP)
 
 # In-process optimization figures (issue 3): int8 and ONNX Runtime speed, size and agreement.
 bench-optimize: $(STAMP)
-	$(BIN)/python benchmarks/optimize_bench.py
+	$(BIN)/python -m benchmarks.optimize_bench
 
 # The A/B paths under load (issue 5): direct, router, router + shadow, .war; 60 s each.
 bench-ab: java $(STAMP)
-	$(BIN)/python benchmarks/ab_bench.py
+	$(BIN)/python -m benchmarks.ab_bench
 
 # The response cache (issue 21): 50% repeated inputs, light model, c=32, cache on vs off interleaved; hit p50. ~3 min.
 bench-cache: java $(STAMP)
@@ -56,7 +56,7 @@ bench-cache: java $(STAMP)
 
 # Image preprocessing vs torchvision (issue 4); torchvision goes into benchmarks/.venv-vision only.
 bench-preprocess: $(STAMP)
-	$(BIN)/python benchmarks/preprocess_bench.py
+	$(BIN)/python -m benchmarks.preprocess_bench
 
 # Reliability, security and monitoring (GitHub issue 8) against a real TorchServe: version swap, worker crash,
 # overload, a 5-minute soak, bad input, security, metrics. ~7 min; QUICK=1: 60 s soak (~3-4 min).

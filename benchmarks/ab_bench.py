@@ -24,16 +24,14 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from archiver.build import build
+from archiver.deploy.properties import ServerConfig, entry_from_archive, write_config
+from archiver.operate.server import free_ports, start, stop
+from archiver.spec import DeploySpec, WorkflowSpec
+from benchmarks.sections import machine, write_section
+from handlers.spec import parse
 
-from archiver.build import build  # noqa: E402
-from archiver.cli import entry_from_archive  # noqa: E402
-from archiver.deploy.properties import ServerConfig, write_config  # noqa: E402
-from archiver.operate.server import free_ports, start, stop  # noqa: E402
-from archiver.spec import DeploySpec, WorkflowSpec  # noqa: E402
-from benchmarks.sections import machine, write_section  # noqa: E402
-from handlers.spec import parse  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORK = os.path.join(ROOT, "benchmarks", "work", "ab")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")

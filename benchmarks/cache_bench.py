@@ -26,16 +26,13 @@ import time
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as `python benchmarks/cache_bench.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from archiver.deploy.properties import ModelEntry, ServerConfig, write_config  # noqa: E402
-from archiver.operate.server import ServerHandle, free_ports, start, stop  # noqa: E402
-from archiver.operate.status import metric_sum, parse_prometheus  # noqa: E402
-from benchmarks import artifacts, loadgen  # noqa: E402
-from benchmarks.artifacts import MODELS, Variant  # noqa: E402
-from benchmarks.systems import bearer  # noqa: E402
-from handlers.metrics import CACHE  # noqa: E402
+from archiver.deploy.properties import ModelEntry, ServerConfig, write_config
+from archiver.operate.server import ServerHandle, free_ports, start, stop
+from archiver.operate.status import metric_sum, parse_prometheus
+from benchmarks import artifacts, loadgen
+from benchmarks.artifacts import MODELS, Variant
+from benchmarks.systems import bearer
+from handlers.metrics import CACHE
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 VARIANT = Variant("torchscript", workers=1, threads=2, batch_size=8, delay_ms=1)

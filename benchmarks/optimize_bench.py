@@ -31,18 +31,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from archiver.build import build
+from archiver.package.archive import read_manifest
+from archiver.spec import DeploySpec
+from archiver.zoo.digits_training import accuracy, load_digits_split, train
+from benchmarks.interleave import Quiet, System, batch_of, interleave, load_average
+from benchmarks.sections import machine, write_section
+from handlers.device import Placement
+from handlers.runtimes import load_runtime
+from handlers.spec import parse
 
-from archiver.build import build  # noqa: E402
-from archiver.package.archive import read_manifest  # noqa: E402
-from archiver.spec import DeploySpec  # noqa: E402
-from archiver.zoo.digits_training import accuracy, load_digits_split, train  # noqa: E402
-from benchmarks.interleave import Quiet, System, batch_of, interleave, load_average  # noqa: E402
-from benchmarks.sections import machine, write_section  # noqa: E402
-from handlers.device import Placement  # noqa: E402
-from handlers.runtimes import load_runtime  # noqa: E402
-from handlers.spec import parse  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORK = os.path.join(ROOT, "benchmarks", "work", "optimize")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -636,7 +635,7 @@ def remeasure(args: argparse.Namespace) -> int:
         row["samples_per_s_b32"] = 32e3 / ms(out["groups"], measured[0], row["artifact"]) if measured else None
     out["ratios"] = ratios(out["rows"], out["groups"])
     out["waited_for_load_s"] = out.get("waited_for_load_s", 0) + quiet.waited_s
-    out["command"] += f"; then `{' '.join(['benchmarks/optimize_bench.py', *sys.argv[1:]])}` ({when})"
+    out["command"] += f"; then `{' '.join(['python -m benchmarks.optimize_bench', *sys.argv[1:]])}` ({when})"
     with open(path, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
     return render(out)

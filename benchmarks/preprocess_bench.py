@@ -4,7 +4,7 @@
 Stock pipeline: PIL open -> Resize(256) -> CenterCrop(224) -> ToTensor() -> Normalize(ImageNet).
 tspack: handlers.frontends.image.preprocess with the same declared geometry and normalisation.
 torchvision is not a product dependency: it runs in its own environment, benchmarks/.venv-vision
-(created here when missing), and this script calls itself there with --torchvision.
+(created here when missing), and this module runs itself there with --torchvision.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks.sections import machine, write_section
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from benchmarks.sections import machine, write_section  # noqa: E402
-
 VISION_VENV = os.path.join(ROOT, "benchmarks", ".venv-vision")
 VISION_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "pillow==13.0.0", "numpy==2.4.6"]
 WORK = os.path.join(ROOT, "benchmarks", "work", "preprocess")
@@ -68,7 +66,6 @@ def torchvision_pipeline(threads: int):
 
 
 def tspack_pipeline():
-    sys.path.insert(0, ROOT)
     from handlers.frontends.image import preprocess
     from handlers.spec import ImageSpec
 
@@ -87,11 +84,16 @@ def ensure_vision_venv() -> str:
     return python
 
 
+def in_vision_venv(*args: str) -> dict:
+    """Run this module with `args` in the vision venv (from the checkout, as `python -m`); its JSON answer."""
+    return json.loads(subprocess.run(
+        [ensure_vision_venv(), "-m", "benchmarks.preprocess_bench", *args], capture_output=True, text=True,
+        check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)).stdout)
+
+
 def agreement(path: str) -> dict:
     """Max and mean abs difference between the two pipelines' tensors, computed in the vision venv."""
-    return json.loads(subprocess.run(
-        [ensure_vision_venv(), __file__, "--compare", path], capture_output=True, text=True, check=True,
-        env=dict(os.environ, PYTHONPATH=ROOT)).stdout)
+    return in_vision_venv("--compare", path)
 
 
 
@@ -119,8 +121,7 @@ def main() -> int:
     make_jpeg(jpeg)
     raw = open(jpeg, "rb").read()
     ours = timed(tspack_pipeline(), raw, args.runs)
-    theirs = json.loads(subprocess.run([ensure_vision_venv(), __file__, "--torchvision", jpeg, "--runs",
-                                        str(args.runs)], capture_output=True, text=True, check=True).stdout)
+    theirs = in_vision_venv("--torchvision", jpeg, "--runs", str(args.runs))
     result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(),
               "image": "scikit-learn china.jpg resized to 640x480, JPEG q90", "bytes": len(raw),

@@ -16,47 +16,23 @@ import torch
 import yaml
 
 from archiver.build import build
-from archiver.deploy.properties import ModelEntry, ServerConfig, write_config
-from archiver.operate.server import ServerHandle, free_ports, start
 from archiver.operate.status import metric_sum, parse_prometheus
 from archiver.spec import DeploySpec
+
+# The digits deployment helpers live in the library, shared with benchmarks/reliability/ (tests and benchmarks
+# import neither the other); re-exported here under the names the tests use.
+from archiver.zoo.digits_deploy import DIGITS_CLASS as DIGITS_CLASS
+from archiver.zoo.digits_deploy import IMAGE_SPEC as IMAGE_SPEC
+from archiver.zoo.digits_deploy import LABELS as LABELS
+from archiver.zoo.digits_deploy import digit_png as digit_png
+from archiver.zoo.digits_deploy import digits_model as digits_model
+from archiver.zoo.digits_deploy import digits_samples as digits_samples
+from archiver.zoo.digits_deploy import digits_weights as digits_weights
+from archiver.zoo.digits_deploy import png_declaring as png_declaring
+from archiver.zoo.digits_deploy import start_server as start_server
 from handlers.spec import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS_CLASS = os.path.join(REPO, "archiver", "zoo", "digits_cnn.py") + ":DigitsCNN"
-LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def digits_weights(folder: str, seed: int) -> str:
-    """A DigitsCNN state_dict with seeded random weights (inference tests need no training)."""
-    from archiver.zoo.digits_cnn import DigitsCNN
-
-    torch.manual_seed(seed)
-    path = os.path.join(folder, f"digits_seed{seed}.pt")
-    torch.save(DigitsCNN().state_dict(), path)
-    return path
-
-
-def digits_samples(folder: str, count: int = 32, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    path = os.path.join(folder, "samples.npz")
-    np.savez(path, x=rng.random((count, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, count))
-    return path
-
-
-def digits_model(name: str, version: str, weights: str, samples: Optional[str] = None, **overrides: Any) -> dict:
-    model = {
-        "name": name, "version": version,
-        "source": {"model_class": DIGITS_CLASS, "weights": weights},
-        "input": {"shape": [1, 8, 8], "dtype": "float32"},
-        "output": {"kind": "classification", "top_k": 3, "labels": LABELS},
-        "serving": {"batch_size": 8, "max_batch_delay_ms": 5, "workers": 1},
-        "max_body_bytes": 64 * 1024,
-    }
-    if samples:
-        model["samples"] = {"file": samples}
-    model.update(overrides)
-    return model
 
 
 def build_models(store: str, models: list[dict]) -> list:
@@ -113,17 +89,6 @@ def statuses(context: Any, count: int) -> list[int]:
     return [context.get_response_status(i)[0] for i in range(count)]
 
 
-def start_server(run_dir: str, store: str, entries: list[ModelEntry], model_api: bool = True,
-                 token_auth: bool = True, env: Optional[dict] = None, **config: Any) -> ServerHandle:
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    server_config = ServerConfig(model_store=store, inference_port=inference, management_port=management,
-                                 metrics_port=metrics, grpc_inference_port=grpc_inference,
-                                 grpc_management_port=grpc_management, models=tuple(entries), model_api=model_api,
-                                 token_auth=token_auth, **config)
-    path = write_config(server_config, os.path.join(run_dir, "config.properties"))
-    return start(path, os.path.join(run_dir, "run"), timeout_s=180, env=env)
-
-
 def eager_outputs(weights: str, x: np.ndarray) -> np.ndarray:
     from archiver.zoo.digits_cnn import DigitsCNN
 
@@ -136,38 +101,6 @@ def eager_outputs(weights: str, x: np.ndarray) -> np.ndarray:
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-IMAGE_SPEC = {"height": 8, "width": 8, "mode": "L", "resample": "box"}
-
-
-def digit_png(x: np.ndarray, scale: int = 4, mode: str = "L", fmt: str = "PNG") -> bytes:
-    """A digits sample (1 x 8 x 8 in [0, 1]) as an image file, upscaled `scale` times (exact under box resampling)."""
-    import io
-
-    from PIL import Image
-
-    pixels = np.clip(x.reshape(8, 8) * 255.0, 0, 255).round().astype(np.uint8)
-    image = Image.fromarray(pixels, mode="L").resize((8 * scale, 8 * scale), Image.NEAREST).convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height pixels (with a valid CRC) but holds almost no data."""
-    import io
-    import struct
-    import zlib
-
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
-    return bytes(data)
 
 
 # --- subprocesses and metrics -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Reliability, security and monitoring against a real TorchServe (GitHub issue 8), shortened for CI.
 
-Runs the scenario functions of benchmarks/reliability.py (`make reliability` runs them in full and writes
+Runs the scenario functions of benchmarks/reliability/ (`make reliability` runs them in full and writes
 RELIABILITY.md) with `Settings.ci()`: a 22 s soak instead of 5 minutes, a few seconds of load around each fault.
 One server serves every scenario of this module; the production-profile server starts only for the security
 checks. Timing bounds are not asserted here (the machine is shared): recovery itself is, with generous
@@ -19,13 +19,16 @@ import json
 
 import pytest
 
-from benchmarks import reliability
-from benchmarks import reliability_inputs as inputs
-from benchmarks.reliability_rig import BATCH_SIZE, prepare
+from benchmarks.reliability import inputs
+from benchmarks.reliability.known_issues import run_known_issue, run_probe
+from benchmarks.reliability.result import failed_checks
+from benchmarks.reliability.rig import BATCH_SIZE, prepare
+from benchmarks.reliability.runner import run_scenario
+from benchmarks.reliability.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-SETTINGS = reliability.Settings.ci()
+SETTINGS = Settings.ci()
 SHOWN = ("title", "load", "duration_s", "requests", "failures", "recovery", "passed")
 
 
@@ -43,7 +46,7 @@ class Scenarios:
         for name in SEQUENCE[:SEQUENCE.index(last) + 1]:
             if name not in self.done:
                 try:
-                    self.done[name] = reliability.run_scenario(name, self.rig, SETTINGS)
+                    self.done[name] = run_scenario(name, self.rig, SETTINGS)
                 except Exception as exc:  # reported by that scenario's own test; the sequence goes on
                     self.done[name] = exc
 
@@ -64,7 +67,7 @@ def rig(tmp_path_factory):
 def run(name: str, scenarios: Scenarios) -> dict:
     result = scenarios.result(name)
     print(json.dumps({k: result[k] for k in SHOWN}, default=str))
-    assert result["passed"], reliability.failed_checks(result)
+    assert result["passed"], failed_checks(result)
     return result
 
 
@@ -127,7 +130,7 @@ def test_known_product_issue_is_fixed(rig, issue_id, target):
     rig.run_up_to(SEQUENCE[-1])  # the whole sequence first: the known issues come last
     issue, case = next((i, c) for i, c in inputs.known_cases(SETTINGS.known_issue_body_mb)
                        if (i.id, i.target) == (issue_id, target))
-    row = reliability.run_known_issue(rig.rig, issue, case) if case else reliability.run_probe(rig.rig, issue)
+    row = run_known_issue(rig.rig, issue, case) if case else run_probe(rig.rig, issue)
     print(json.dumps(row, default=str))
     assert row["serving_again_after_s"] is not None, "the deployment did not serve normally again"
     assert row["fixed"], f"expected {row['expected']}, got {row['got']}"

@@ -1,8 +1,8 @@
 """A restart keeps what was deployed (issue 20): `tspack serve start` restores the run folder's deployment record.
 
 Every command runs as the user types it (`python -m archiver.cli ...`) against a real TorchServe on free ports.
-The tests of one module share a deployment (digits 1.0 from config.properties, 2.0 registered as the default,
-1.0 scaled to 2 workers) and run in file order: each stops it and starts it again its own way.
+Each test gets a deployment of its own (digits 1.0 from config.properties, 2.0 registered as the default, 1.0
+scaled to 2 workers) in its own run folder, stops it and starts it again its own way: the tests run in any order.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from archiver.build import build
-from archiver.cli import entry_from_archive
-from archiver.deploy.properties import ServerConfig, write_config
+from archiver.deploy.properties import ServerConfig, entry_from_archive, write_config
 from archiver.operate.server import ServerHandle, free_ports, stop
 from archiver.spec import DeploySpec
 from handlers.spec import parse
@@ -60,24 +59,31 @@ def write_server_config(folder: str, store: str, archive: str) -> str:
     return write_config(config, os.path.join(folder, "config.properties"))
 
 
-@pytest.fixture(scope="module")
-def deployed(store, digits_store, tmp_path_factory):
-    """digits 1.0 from config.properties; 2.0 registered and made the default; 1.0 scaled to 2 workers."""
-    work = str(tmp_path_factory.mktemp("deployed"))
+@pytest.fixture
+def deployed(store, digits_store, tmp_path):
+    """digits 1.0 from config.properties; 2.0 registered and made the default; 1.0 scaled to 2 workers.
+
+    Per test: every test below changes the deployment (a refused version, a --fresh start), so a shared one
+    would make each test's outcome depend on the ones that ran before it.
+    """
+    work = str(tmp_path)
+    store = shutil.copytree(store, os.path.join(work, "store"))  # a test that changes an archive changes its own
     run_dir = os.path.join(work, "run")
     config = write_server_config(work, store, "digits_v1.0.mar")
-    started = tspack("serve", "start", "--config", config, "--run-dir", run_dir, cwd=work)
-    assert started.returncode == 0, started.stdout + started.stderr
-    assert "models from config.properties" in started.stdout
-    for command in (("register", os.path.join(store, "digits_v2.0.mar"), "--set-default"),
-                    ("scale", "digits", "1.0", "--workers", "2")):
-        done = tspack(*command, "--run-dir", run_dir, cwd=work)
-        assert done.returncode == 0, done.stdout + done.stderr
     x = np.load(digits_store["samples"])["x"][0]
-    yield {"work": work, "run_dir": run_dir, "config": config, "store": store, "x": x,
-           "expected": {v: int(support.eager_outputs(w, x[None]).argmax(1)[0])
-                        for v, w in digits_store["weights"].items()}}
-    stop(run_dir, quiet=True)
+    started = tspack("serve", "start", "--config", config, "--run-dir", run_dir, cwd=work)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "models from config.properties" in started.stdout
+        for command in (("register", os.path.join(store, "digits_v2.0.mar"), "--set-default"),
+                        ("scale", "digits", "1.0", "--workers", "2")):
+            done = tspack(*command, "--run-dir", run_dir, cwd=work)
+            assert done.returncode == 0, done.stdout + done.stderr
+        yield {"work": work, "run_dir": run_dir, "config": config, "store": store, "x": x,
+               "expected": {v: int(support.eager_outputs(w, x[None]).argmax(1)[0])
+                            for v, w in digits_store["weights"].items()}}
+    finally:
+        stop(run_dir, quiet=True)
 
 
 def served(run_dir: str) -> dict[str, dict]:

@@ -96,13 +96,18 @@ def test_workflow_node_that_was_not_chosen_answers_without_inference(digits_dir)
     handler.initialize(context)
     calls = []
     run = handler.pipeline.runtime.run
-    handler.pipeline.runtime.run = lambda batch: calls.append(len(batch)) or run(batch)
+
+    def counting_run(inputs: dict) -> dict:
+        calls.append({name: array.shape[0] for name, array in inputs.items()})  # rows per named input, not inputs
+        return run(inputs)
+
+    handler.pipeline.runtime.run = counting_run
     body = Request(payload=json.dumps({"data": np.zeros((1, 8, 8)).tolist()}).encode(), content_type="application/json")
     envelopes = [(wrap("a", body, "k1").encode(), ""), (wrap("b", body, "k2").encode(), "")]
     data = support.torchserve_batch(context, envelopes)
     answers = [json.loads(a) for a in handler.handle(data, context)]
     assert answers[1] == SKIPPED and answers[0]["variant"] == "a" and "predictions" in answers[0]
-    assert calls == [1]  # one row ran: the request routed to this node
+    assert calls == [{"input": 1}]  # one row ran: the request routed to this node
 
 
 def test_workflow_route_and_merge_functions(tmp_path):

@@ -17,20 +17,26 @@ import importlib.util
 import io
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import requests
 import torch
 
 from archiver.build import build
 from archiver.cli import main as tspack_main
 from archiver.deploy.properties import entry_from_archive
+from archiver.errors import ApiError
 from archiver.operate.client import TorchServeClient
 from archiver.operate.server import ServerHandle, free_ports, start, stop
 from archiver.spec import DeploySpec
+from archiver.zoo.digits_deploy import IMAGE_SPEC, digit_png, digits_model, digits_samples, digits_weights, start_server
 from handlers.spec import parse
-from tests import support
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODEL = "digits"
 SLOW = "slow"
@@ -97,7 +103,7 @@ def good_sample() -> np.ndarray:
 
 
 def good_png() -> bytes:
-    return support.digit_png(good_sample())
+    return digit_png(good_sample())
 
 
 def _slow_model(work: str) -> dict:
@@ -117,14 +123,14 @@ def _slow_model(work: str) -> dict:
 
 
 def spec_dict(work: str, store: str) -> dict:
-    samples = support.digits_samples(work)
-    weights = {v: support.digits_weights(work, seed) for v, seed in (("1.0", 1), ("2.0", 2))}
+    samples = digits_samples(work)
+    weights = {v: digits_weights(work, seed) for v, seed in (("1.0", 1), ("2.0", 2))}
     serving = {"batch_size": BATCH_SIZE, "max_batch_delay_ms": 5, "workers": DIGITS_WORKERS}
-    models = [support.digits_model(MODEL, v, w, samples, serving=serving, max_body_bytes=MAX_BODY_BYTES)
+    models = [digits_model(MODEL, v, w, samples, serving=serving, max_body_bytes=MAX_BODY_BYTES)
               for v, w in weights.items()]
-    models.append(support.digits_model(IMAGE, "1.0", weights["1.0"], samples, image=dict(support.IMAGE_SPEC),
-                                       max_body_bytes=MAX_BODY_BYTES,
-                                       artifacts=[{"format": "torchscript", "frontend": "image"}]))
+    models.append(digits_model(IMAGE, "1.0", weights["1.0"], samples, image=dict(IMAGE_SPEC),
+                               max_body_bytes=MAX_BODY_BYTES,
+                               artifacts=[{"format": "torchscript", "frontend": "image"}]))
     models.append(_slow_model(work))
     ab = {"name": AB, "version": "1.0",
           "variants": [{"name": "a", "archive": f"{MODEL}_v1.0.mar", "weight": 0.5},
@@ -149,8 +155,8 @@ def build_archives(root: str) -> str:
 def start_main(root: str, store: str) -> ServerHandle:
     entries = [entry_from_archive(f"{name}_v1.0.mar", store) for name in (MODEL, SLOW, IMAGE, AB)]
     # access_log: the overload scenario reads TorchServe's own 503 latencies from it (off in generated configs)
-    handle = support.start_server(os.path.join(root, "main"), store, entries, model_api=True, token_auth=True,
-                                  access_log=True)
+    handle = start_server(os.path.join(root, "main"), store, entries, model_api=True, token_auth=True,
+                          access_log=True)
     try:
         handle.client().register_workflow(f"{WORKFLOW}_v1.0.war")
     except BaseException:
@@ -205,3 +211,18 @@ def worker_states(client: TorchServeClient) -> dict[str, list[tuple[str, str, in
             states.setdefault(model, []).extend(
                 (described.get("modelVersion"), w.get("status"), w.get("pid")) for w in described.get("workers", []))
     return states
+
+
+def ready_pids(client: TorchServeClient, model: str, version: str) -> list[int]:
+    """PIDs of the READY workers of one version ([] while the management API does not answer)."""
+    try:
+        described = client.describe(model, version)
+    except (ApiError, requests.RequestException):
+        return []
+    return [w["pid"] for d in described for w in d.get("workers", []) if w.get("status") == "READY"]
+
+
+def tspack(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+    """`tspack ARGS` as a user types it (python -m archiver.cli, from the checkout); output as text."""
+    return subprocess.run([sys.executable, "-m", "archiver.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s, cwd=REPO)

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
-from benchmarks.reliability_rig import AB, IMAGE, MODEL, WORKFLOW, good_png, good_sample
-from tests import support
+from archiver.zoo.digits_deploy import png_declaring
+from benchmarks.reliability.load import Target
+from benchmarks.reliability.rig import AB, IMAGE, MODEL, WORKFLOW, Rig, good_png, good_sample
 
 TARGETS = {
     "tensor": f"/predictions/{MODEL}",
@@ -70,6 +71,11 @@ def good_body(target: str) -> bytes:
 
 def good_type(target: str) -> str:
     return PNG if target == "image" else JSON
+
+
+def good_target(rig: Rig, path: str = TARGETS["tensor"]) -> Target:
+    """A good JSON tensor request to `path` of the rig's main server (the load of the fault scenarios)."""
+    return Target(rig.url(path), good_json())
 
 
 def _tensor_json(data) -> Callable[[str], bytes]:
@@ -151,7 +157,7 @@ def cases(big_mb: int = 50) -> list[Case]:
              _per_kind(Expect(413, "payload_too_large"), Expect(413, "image_too_large")), image_ct),
         Case("truncated PNG", lambda t: png[:40], _per_kind(unsupported, Expect(422, "undecodable_image")),
              lambda t: PNG),
-        Case("PNG declaring 30000x30000", lambda t: support.png_declaring(30000, 30000),
+        Case("PNG declaring 30000x30000", lambda t: png_declaring(30000, 30000),
              _per_kind(unsupported, Expect(413, "image_too_large")), lambda t: PNG),
         Case("random bytes", lambda t: random_bytes(), {t: unsupported for t in MATRIX_TARGETS}, octet),
         Case("wrong content type (text/csv)", lambda t: b"1,2,3\n4,5,6\n", {t: unsupported for t in MATRIX_TARGETS},

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Optional
 
 from archiver.deploy import k8s
-from archiver.deploy.properties import entry_from_archive
+from archiver.deploy.properties import DEFAULT_OIP_PORT, entry_from_archive
 from archiver.errors import TspackCliError
 from archiver.package.archive import copy_into_store
 from archiver.tables import render
@@ -168,7 +168,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         grpc_management_port=args.grpc_ports[1], bind_address=args.bind, models=tuple(entries),
         number_of_gpu=gpus, token_auth=not (dev or args.disable_token_auth), model_api=dev or args.enable_model_api,
         job_queue_size=args.job_queue_size, workflow_store=args.workflow_store,
-        open_inference_protocol=not args.no_oip,
+        open_inference_protocol=not args.no_oip, oip_port=args.oip_port or None,
     )
     from archiver.deploy.alerts import ALERTS_FILE, AlertThresholds
 
@@ -184,7 +184,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(f"placement on {gpus} GPU(s):")
         print(placement_table(assign([e.deployed for e in entries], gpus), gpus))
     print(f"token auth: {'on' if config.token_auth else 'OFF'}   model API: {'on' if config.model_api else 'off'}   "
-          f"gpus: {config.number_of_gpu}   inference: {config.inference_url}")
+          f"gpus: {config.number_of_gpu}   inference: {config.inference_url}   "
+          f"OIP gateway: {config.oip_url or 'off'}")
     return 0
 
 
@@ -201,6 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handle = outcome.handle
         print(f"TorchServe is up (pid {handle.pid}): inference {handle.inference_url}, "
               f"management {handle.management_url}, metrics {handle.metrics_url}/metrics")
+        if handle.oip_url:
+            print(f"OIP v2 gateway (pid {handle.oip_pid}): {handle.oip_url}/v2 (probes take no token; metadata and "
+                  "infer take the inference key)")
         print("\n".join(describe_outcome(outcome)))
         if args.fresh and not outcome.set_aside:
             print("--fresh: there was no recorded deployment to set aside")
@@ -341,16 +345,18 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from archiver.operate.server import ServerHandle
     from archiver.operate.status import format_endpoints, model_versions
 
-    client = _client(args)
+    handle = ServerHandle.load(os.path.abspath(args.run_dir))
+    client = handle.client()
     versions = model_versions(client, args.model)
     rows = [["version", "default", "workers", "built_at", "runtime", "max_abs_err", "accuracy", "archive"]]
     for v in versions:
         rows.append([v["version"], "*" if v["default"] else "", v["workers"], v.get("built_at") or "-",
                      v.get("runtime") or "-", v.get("max_abs_error") or "-", v.get("accuracy") or "-", v["archive"]])
     print(_table(rows))
-    print(format_endpoints(client.inference_url, args.model))
+    print(format_endpoints(client.inference_url, args.model, handle.oip_url))
     return 0
 
 
@@ -415,6 +421,51 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tune ----------------------------------------------------------------------------------------------
+
+
+def add_tune_parser(subparsers: Any) -> argparse.ArgumentParser:
+    t = subparsers.add_parser("tune", help="pick a model's serving configuration (runtime, batching, workers, "
+                              "threads) by measuring it against a TorchServe on this host")
+    t.add_argument("--spec", required=True, help="the deployment spec the model was built from")
+    t.add_argument("--model", required=True, help="the model's name in the spec")
+    t.add_argument("--version", help="its version, when the spec lists several")
+    t.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 latency budget at every concurrency "
+                   "(default %(default)s)")
+    t.add_argument("--concurrency", default="1,8,32", help="client counts to measure, comma-separated; the winner "
+                   "has the most requests/s at the last (default %(default)s)")
+    t.add_argument("--budget-s", type=float, default=300.0, help="time for the whole run (default %(default)s)")
+    t.add_argument("--duration-s", type=float, default=5.0, help="seconds per concurrency per configuration "
+                   "(default %(default)s)")
+    t.add_argument("--max-trials", type=int, help="stop after this many configurations")
+    t.add_argument("--cores", type=int, help="cores the deployment may use (default: this host's)")
+    t.add_argument("--write", action="store_true", help="tune the spec in place instead of writing FILE.tuned.yaml")
+    t.add_argument("--report-dir", help="where the report goes (default: MODEL_STORE/tune/NAME_vVERSION)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tune)
+    return t
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from archiver.operate.tune.search import TuneSettings
+    from archiver.operate.tune.session import tune
+
+    try:
+        concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        raise SpecError(f"--concurrency: a comma-separated list of client counts, got '{args.concurrency}'") from None
+    result = tune(TuneSettings(
+        spec_path=os.path.abspath(args.spec), model=args.model, version=args.version, slo_p99_ms=args.slo_p99_ms,
+        concurrency=concurrency, budget_s=args.budget_s, duration_s=args.duration_s, max_trials=args.max_trials,
+        write=args.write, report_dir=args.report_dir, cores=args.cores, progress=not args.quiet))
+    print(result.table)
+    print(result.verdict)
+    if result.tuned_spec:
+        print(f"tuned spec: {result.tuned_spec}")
+    print(f"report: {result.report['markdown']} (plot: {result.report['plot']})")
+    return 0 if result.winner is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tspack", description="Optimize, package, serve and operate PyTorch "
                                      "models on TorchServe.")
@@ -472,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metrics-port", type=int, default=8082)
     c.add_argument("--grpc-ports", type=int, nargs=2, default=[7070, 7071], metavar=("INFERENCE", "MANAGEMENT"),
                    help="TorchServe's gRPC ports (it always opens them)")
+    c.add_argument("--oip-port", type=int, default=DEFAULT_OIP_PORT,
+                   help="port of the tspack OIP v2 gateway `serve start` runs beside TorchServe (health, metadata, "
+                        "versioned infer; default %(default)s; 0: no gateway)")
     c.add_argument("--job-queue-size", type=int, default=100)
     c.add_argument("--gpus", type=int, help="number of GPUs (default: detect with nvidia-smi or torch)")
     c.add_argument("--alert-error-rate", type=float, default=0.05,
@@ -547,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.set_defaults(func=cmd_drift)
 
     add_k8s_parser(sub)
+    add_tune_parser(sub)
 
     for command in (s, r, w, d, u, sc, v, p, dr):
         command.add_argument("--run-dir", default=os.path.join(".tspack", "server"),

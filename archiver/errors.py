@@ -5,7 +5,7 @@ from __future__ import annotations
 from handlers.errors import SpecError
 
 __all__ = ["TspackCliError", "SpecError", "BuildError", "ValidationFailed", "ServerError", "ApiError",
-           "DeploymentError"]
+           "DeploymentError", "TuneError"]
 
 
 class TspackCliError(Exception):
@@ -34,3 +34,7 @@ class ApiError(TspackCliError):
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+
+
+class TuneError(TspackCliError):
+    """`tspack tune` cannot measure: the load generator is missing or produced no numbers."""

@@ -19,6 +19,7 @@ from handlers.registry import RUNTIMES
 from handlers.routing import RoutingPolicy
 from handlers.routing import Variant as RoutedVariant
 from handlers.spec import (
+    Batching,
     Frontend,
     GraphOptimization,
     ImageSpec,
@@ -91,6 +92,11 @@ class SamplesSpec:
 
 
 DEFAULT_BATCH_DELAY_MS = 2
+# The batching of a spec that names neither a mode nor a delay. Measured here (light CNN, 2 shared cores, real
+# TorchServe, wrk): zero_wait cut the p50 of a lone client from 5.5-7.8 ms to 3.6-5.5 ms but served 0.45-0.9x the
+# requests/s of a 2 ms delay at 32 clients: TorchServe's async worker costs a message each way and two log lines
+# per request instead of per batch. So delay stays the default until `make bench` says otherwise.
+DEFAULT_BATCHING: Batching = "delay"
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,11 @@ class ServingSpec:
     """TorchServe settings for one model: batching, workers, timeouts, threads, the response cache."""
 
     batch_size: int = 8
-    # None: 2 ms with batching, 0 without (the only values TorchServe 0.12 handles well for each).
+    # zero_wait: the handler runs whatever is queued the moment the model is free (handlers/zero_wait.py); delay:
+    # TorchServe's frontend waits max_batch_delay_ms for a batch to fill. None: delay when max_batch_delay_ms is
+    # given (or batch_size is 1), else DEFAULT_BATCHING.
+    batching: Optional[Batching] = None
+    # None: 2 ms with batching, 0 without (the only values TorchServe 0.12 handles well for each); 0 with zero_wait.
     max_batch_delay_ms: Optional[int] = None
     workers: int = 1
     max_workers: Optional[int] = None
@@ -114,16 +124,13 @@ class ServingSpec:
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"serving.batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_batch_delay_ms is None:
-            object.__setattr__(self, "max_batch_delay_ms", DEFAULT_BATCH_DELAY_MS if self.batch_size > 1 else 0)
-        _require(self.max_batch_delay_ms >= 0,
-                 f"serving.max_batch_delay_ms: must be >= 0, got {self.max_batch_delay_ms}")
-        _require(self.batch_size == 1 or self.max_batch_delay_ms >= 1,
-                 "serving.max_batch_delay_ms: must be >= 1 with batching; TorchServe 0.12 reads 0 as unset and "
-                 "waits its 100 ms default for every lone request")
-        _require(self.batch_size > 1 or self.max_batch_delay_ms == 0,
-                 f"serving.max_batch_delay_ms: {self.max_batch_delay_ms} ms of batch delay without batching "
-                 "(batch_size 1) only adds latency; set batch_size > 1 or max_batch_delay_ms: 0")
+        if self.batching is None:
+            delay = self.max_batch_delay_ms is not None or self.batch_size == 1
+            object.__setattr__(self, "batching", "delay" if delay else DEFAULT_BATCHING)
+        if self.batching == "zero_wait":
+            self._check_zero_wait()
+        else:
+            self._check_delay()
         _require(self.workers >= 1, f"serving.workers: must be >= 1, got {self.workers}")
         _require(self.workers_per_gpu >= 1, f"serving.workers_per_gpu: must be >= 1, got {self.workers_per_gpu}")
         if isinstance(self.devices, tuple):
@@ -135,6 +142,26 @@ class ServingSpec:
         _require(self.response_timeout_s >= 1, "serving.response_timeout_s: must be >= 1")
         _require(self.job_queue_size is None or self.job_queue_size >= 1, "serving.job_queue_size: must be >= 1")
         _require(self.intra_op_threads is None or self.intra_op_threads >= 1, "serving.intra_op_threads: must be >= 1")
+
+    def _check_zero_wait(self) -> None:
+        _require(self.batch_size > 1, "serving.batching: zero_wait batches up to batch_size requests, and "
+                                      "batch_size is 1; raise batch_size or leave batching out")
+        _require(self.max_batch_delay_ms in (None, 0),
+                 f"serving.max_batch_delay_ms: zero_wait never waits for a batch to fill, so a delay of "
+                 f"{self.max_batch_delay_ms} ms means nothing; drop it, or set batching: delay")
+        object.__setattr__(self, "max_batch_delay_ms", 0)
+
+    def _check_delay(self) -> None:
+        if self.max_batch_delay_ms is None:
+            object.__setattr__(self, "max_batch_delay_ms", DEFAULT_BATCH_DELAY_MS if self.batch_size > 1 else 0)
+        _require(self.max_batch_delay_ms >= 0,
+                 f"serving.max_batch_delay_ms: must be >= 0, got {self.max_batch_delay_ms}")
+        _require(self.batch_size == 1 or self.max_batch_delay_ms >= 1,
+                 "serving.max_batch_delay_ms: must be >= 1 with batching; TorchServe 0.12 reads 0 as unset and "
+                 "waits its 100 ms default for every lone request")
+        _require(self.batch_size > 1 or self.max_batch_delay_ms == 0,
+                 f"serving.max_batch_delay_ms: {self.max_batch_delay_ms} ms of batch delay without batching "
+                 "(batch_size 1) only adds latency; set batch_size > 1 or max_batch_delay_ms: 0")
 
 
 @dataclass(frozen=True)

@@ -98,10 +98,8 @@ class ABRouterHandler(ServingHandler):
             self.metrics.record(served, stats, (time.perf_counter() - started) * 1000.0,
                                 version=pipeline.manifest.version, variant=name)
             for i, answer in zip(indices, served):
+                answer.headers = {**answer.headers, VARIANT_HEADER: name, VERSION_HEADER: pipeline.manifest.version}
                 answers[i] = answer
-                if context is not None and getattr(context, "request_processor", None):
-                    context.set_response_header(i, VARIANT_HEADER, name)
-                    context.set_response_header(i, VERSION_HEADER, pipeline.manifest.version)
             if self.shadow is not None:
                 self.shadow.submit(name, [(requests[i], answers[i]) for i in indices])
         if refused:

@@ -155,6 +155,47 @@ class UnsupportedMediaType(TspackError):
     type = "unsupported_media_type"
 
 
+# --- the OIP gateway (archiver/operate/oip_gateway.py): refusals of the server in front of the handlers ---
+
+
+class TokenRefused(TspackError):
+    """A metadata request without the current inference key. 400, not 401: TorchServe 0.12 answers a bad token
+    with 400 on every route, so the gateway's own routes answer alike and a client meets one behaviour."""
+
+    status = 400
+    type = "token_refused"
+
+
+class NotReady(TspackError):
+    """A readiness probe's "no": the OIP spec answers false with a 4xx."""
+
+    status = 400
+    type = "not_ready"
+
+
+class RouteNotFound(TspackError):
+    status = 404
+    type = "route_not_found"
+
+
+class ModelNotFound(RouteNotFound):
+    """A model name (or version) TorchServe has not registered."""
+
+    type = "model_not_found"
+
+
+class MethodNotAllowed(TspackError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class UpstreamUnavailable(TspackError):
+    """TorchServe did not answer the gateway."""
+
+    status = 502
+    type = "upstream_unavailable"
+
+
 # --- server errors: our side failed (5xx) --------------------------------------------------------------
 
 
@@ -172,6 +213,13 @@ class IntegrityError(ModelLoadError):
 class InferenceFailed(TspackError):
     status = 500
     type = "inference_failed"
+
+
+class Overloaded(TspackError):
+    """A zero-wait worker already holds its limit of queued requests (TorchServe's full job queue answers 503 too)."""
+
+    status = 503
+    type = "overloaded"
 
 
 class OutOfResources(TspackError):

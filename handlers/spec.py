@@ -33,6 +33,9 @@ OutputKind = Literal["classification", "raw"]
 ColorMode = Literal["L", "RGB"]
 Resample = Literal["nearest", "box", "bilinear", "bicubic", "lanczos"]
 TextPadding = Literal["longest", "max_length"]
+# How a model's requests are batched (handlers/zero_wait.py): `zero_wait` runs whatever is queued the moment the
+# model is free; `delay` lets TorchServe's frontend wait `maxBatchDelay` for a batch to fill.
+Batching = Literal["zero_wait", "delay"]
 
 
 def parse(cls: type, data: Any, path: str = "") -> Any:

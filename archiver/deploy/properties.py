@@ -25,6 +25,9 @@ Profile = Literal["production", "dev"]
 METRICS_FILE = "metrics.yaml"
 LOG_CONFIG_FILE = "log4j2.xml"
 ARCHIVE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*\.(mar|war)"
+# Where `serve start` runs the OIP gateway (archiver/operate/oip_gateway.py); TorchServe ignores keys it does not know.
+OIP_ADDRESS_KEY = "tspack_oip_address"
+DEFAULT_OIP_PORT = 8083
 
 
 _require = require
@@ -66,6 +69,11 @@ class ServerConfig:
     # TorchServe always starts gRPC servers too; two servers on one host must not share these ports.
     grpc_inference_port: int = 7070
     grpc_management_port: int = 7071
+    # The tspack OIP gateway (archiver/operate/oip_gateway.py), which `serve start` runs beside TorchServe for the
+    # OIP routes TorchServe 0.12 lacks. None: no gateway. The library leaves it off, so servers it starts on free
+    # ports for tests and benchmarks do not all claim one port; `tspack config --oip-port` defaults to
+    # DEFAULT_OIP_PORT.
+    oip_port: Optional[int] = None
     bind_address: str = "127.0.0.1"
     models: tuple[ModelEntry, ...] = ()
     number_of_gpu: int = 0
@@ -91,10 +99,10 @@ class ServerConfig:
 
     def __post_init__(self):
         ports = (self.inference_port, self.management_port, self.metrics_port, self.grpc_inference_port,
-                 self.grpc_management_port)
+                 self.grpc_management_port, *(() if self.oip_port is None else (self.oip_port,)))
         _require(all(0 < p < 65536 for p in ports), f"ports: must be in 1..65535, got {ports}")
-        _require(len(set(ports)) == len(ports),
-                 f"ports: inference, management, metrics and the two gRPC ports must differ, got {ports}")
+        _require(len(set(ports)) == len(ports), "ports: inference, management, metrics, the two gRPC ports and "
+                 f"the OIP gateway's must differ, got {ports}")
         _require(self.number_of_gpu >= 0, "number_of_gpu: must be >= 0")
         _require(self.job_queue_size >= 1, "job_queue_size: must be >= 1")
         _require(self.token_expiration_min >= 1, "token_expiration_min: must be >= 1")
@@ -110,6 +118,10 @@ class ServerConfig:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.bind_address}:{self.metrics_port}"
+
+    @property
+    def oip_url(self) -> Optional[str]:
+        return None if self.oip_port is None else f"http://{self.bind_address}:{self.oip_port}"
 
     def models_block(self) -> dict:
         block: dict[str, dict] = {}
@@ -152,6 +164,8 @@ class ServerConfig:
             "install_py_dep_per_model=false",
             "enable_envvars_config=false",
         ]
+        if self.oip_url:
+            lines.append(f"{OIP_ADDRESS_KEY}={self.oip_url}")
         if self.netty_threads:
             lines.append(f"number_of_netty_threads={self.netty_threads}")
         if self.metrics_config:

@@ -8,6 +8,7 @@ worker, and fails within seconds with the worker's own error when a worker dies 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -24,8 +25,9 @@ from typing import Optional
 
 import requests
 
-from archiver.deploy.properties import read_properties
+from archiver.deploy.properties import OIP_ADDRESS_KEY, read_properties
 from archiver.errors import ApiError, ServerError
+from archiver.operate import oip_process
 from archiver.operate.client import TorchServeClient
 
 STATE_FILE = "server.json"
@@ -50,6 +52,8 @@ class ServerHandle:
     token_auth: bool
     tmp_dir: str
     started_at: str = ""
+    oip_url: str = ""  # the tspack OIP gateway (archiver/operate/oip_gateway.py), when one runs beside it
+    oip_pid: int = 0
 
     @property
     def key_file(self) -> Optional[str]:
@@ -167,23 +171,44 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
     for kind, url in listening.items():
         if port_in_use(url):
             raise ServerError(f"{kind} address {url} is in use: stop what listens there or choose other ports")
+    gateway_socket = oip_process.bind(props.get(OIP_ADDRESS_KEY))
     tmp_dir = tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp" if os.path.isdir("/tmp") else None)
     cmd = [_torchserve_bin(), "--start", "--foreground", "--ncs", "--ts-config", config_path]
     for flag, key in (("--model-store", "model_store"), ("--workflow-store", "workflow_store")):
         if props.get(key):
             cmd += [flag, props[key]]
-    with open(os.path.join(run_dir, "logs", "torchserve.out"), "ab") as out:
-        process = subprocess.Popen(cmd, cwd=run_dir, env=_child_env(run_dir, tmp_dir, java, env, tuned), stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    handle = ServerHandle.for_config(config_path, run_dir, process.pid, tmp_dir)
-    handle.save()
-    startup_models = [m.split("=", 1)[0] for m in props.get("load_models", "").split(",") if m and m != "ALL"]
-    try:
-        wait_ready(handle, process, startup_models if wait_for_models else [], timeout_s)
-    except BaseException:
-        stop(run_dir, quiet=True)
-        raise
+    with gateway_socket or contextlib.nullcontext():  # closed here on every path; the gateway holds its own copy
+        with open(os.path.join(run_dir, "logs", "torchserve.out"), "ab") as out:
+            process = subprocess.Popen(cmd, cwd=run_dir, env=_child_env(run_dir, tmp_dir, java, env, tuned),
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        handle = ServerHandle.for_config(config_path, run_dir, process.pid, tmp_dir)
+        handle.save()
+        startup_models = [m.split("=", 1)[0] for m in props.get("load_models", "").split(",") if m and m != "ALL"]
+        try:
+            gateway = _start_gateway(handle, props, gateway_socket) if gateway_socket else None
+            wait_ready(handle, process, startup_models if wait_for_models else [], timeout_s)
+            _check_gateway(handle, gateway)
+        except BaseException:
+            stop(run_dir, quiet=True)
+            raise
     return handle
+
+
+def _start_gateway(handle: ServerHandle, props: dict, listening: socket.socket) -> subprocess.Popen:
+    """The OIP gateway on its bound socket, beside the TorchServe `handle` describes (recorded in the handle)."""
+    gateway = oip_process.spawn(
+        listening, handle.run_dir, handle.inference_url, handle.management_url,
+        os.path.abspath(props.get("model_store", "model_store")), handle.key_file,
+        int(props.get("max_request_size", 64 * 1024 * 1024)), handle.pid)
+    handle.oip_url, handle.oip_pid = props[OIP_ADDRESS_KEY], gateway.pid
+    handle.save()
+    return gateway
+
+
+def _check_gateway(handle: ServerHandle, gateway: Optional[subprocess.Popen]) -> None:
+    if gateway is not None and gateway.poll() is not None:
+        raise ServerError(f"the OIP gateway exited with code {gateway.returncode}: "
+                          f"{_read(os.path.join(handle.log_dir, oip_process.LOG_FILE))[-2000:]}")
 
 
 def ensure_not_running(run_dir: str) -> Optional[str]:
@@ -218,6 +243,7 @@ def ensure_not_running(run_dir: str) -> Optional[str]:
     leftovers = [pid for pid in _pids() if any(mark in _cmdline(pid) for mark in marks)]
     if launcher and previous.alive():
         leftovers.append(previous.pid)
+    oip_process.stop_process(previous.oip_pid, previous.run_dir)  # it exits with the launcher; this makes sure
     for pid in leftovers:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -355,6 +381,7 @@ def stop(run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 30.0, quiet: bool = 
             return False
         raise
     was_alive = handle.alive()
+    oip_process.stop_process(handle.oip_pid, handle.run_dir)
     if was_alive:
         _signal_group(handle.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s

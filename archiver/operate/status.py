@@ -52,18 +52,22 @@ def model_versions(client: TorchServeClient, model: str) -> list[dict]:
     return sorted(versions, key=lambda v: str(v["version"]))
 
 
-def endpoints(inference_url: str, model: str) -> dict[str, str]:
+def endpoints(inference_url: str, model: str, oip_url: str = "") -> dict[str, str]:
     """Where clients send a model's requests: TorchServe's own route and the Open Inference Protocol v2 one.
 
-    TorchServe 0.12 routes OIP infer only to the default version (`/v2/models/NAME/versions/V/infer` answers
-    501), so a version is addressed through `/predictions/NAME/V`, which takes the same OIP bodies.
+    With the tspack OIP gateway (`oip_url`), OIP goes to it: it has every OIP route, versions included. Without
+    it, to TorchServe's own OIP infer, which reaches only the default version (`/v2/models/NAME/versions/V/infer`
+    answers 501), so a version is addressed through `/predictions/NAME/V`, which takes the same OIP bodies.
     """
-    return {"predictions": f"{inference_url}/predictions/{model}", "oip": f"{inference_url}/v2/models/{model}/infer"}
+    oip = f"{oip_url or inference_url}/v2/models/{model}"
+    return {"predictions": f"{inference_url}/predictions/{model}", "oip": f"{oip}/infer",
+            **({"oip_version": f"{oip}/versions/VERSION/infer", "oip_metadata": oip} if oip_url else {})}
 
 
-def format_endpoints(inference_url: str, model: str) -> str:
-    urls = endpoints(inference_url, model)
-    return f"POST {urls['predictions']}[/VERSION]   OIP v2: POST {urls['oip']}"
+def format_endpoints(inference_url: str, model: str, oip_url: str = "") -> str:
+    urls = endpoints(inference_url, model, oip_url)
+    oip = urls["oip"].replace("/infer", "[/versions/VERSION]/infer") if oip_url else urls["oip"]
+    return f"POST {urls['predictions']}[/VERSION]   OIP v2: POST {oip}"
 
 
 def _build_figures(client: TorchServeClient, model: str, version: str) -> dict:
@@ -129,7 +133,8 @@ def server_status(run_dir: str) -> dict:
     except ServerError as exc:
         return {"healthy": False, "running": False, "message": str(exc)}
     status: dict[str, Any] = {"running": handle.alive(), "pid": handle.pid, "started_at": handle.started_at,
-                              "inference_url": handle.inference_url, "healthy": False, "models": {}}
+                              "inference_url": handle.inference_url, "oip_url": handle.oip_url, "healthy": False,
+                              "models": {}}
     if not status["running"]:
         status["message"] = f"the recorded TorchServe (pid {handle.pid}) is not running"
         return status
@@ -138,14 +143,20 @@ def server_status(run_dir: str) -> dict:
         status["ping"] = client.ping().get("status")
         for model in client.models():
             status["models"][model["modelName"]] = model_versions(client, model["modelName"])
-            status.setdefault("endpoints", {})[model["modelName"]] = endpoints(handle.inference_url,
-                                                                                model["modelName"])
+            status.setdefault("endpoints", {})[model["modelName"]] = endpoints(
+                handle.inference_url, model["modelName"], handle.oip_url)
         status["traffic"] = _error_rate(run_dir, request_counts(client))
     except (ApiError, requests.RequestException) as exc:
         status["message"] = str(exc)
         return status
+    if handle.oip_url:
+        from archiver.operate.oip_process import running
+
+        status["oip_gateway"] = {"url": handle.oip_url, "pid": handle.oip_pid,
+                                 "running": running(handle.oip_pid, handle.run_dir)}
     status["healthy"] = status["ping"] == "Healthy" and all(
-        any(v["ready_workers"] for v in versions) for versions in status["models"].values())
+        any(v["ready_workers"] for v in versions) for versions in status["models"].values()) and (
+        status.get("oip_gateway", {}).get("running", True))
     status["record"] = _record_summary(run_dir)
     return status
 
@@ -174,7 +185,11 @@ def format_status(status: dict) -> str:
             mark = " (default)" if v["default"] else ""
             lines.append(f"  {model} {v['version']}{mark}: {v['workers']}, batch {v.get('batch_size')}, "
                          f"runtime {v.get('runtime') or '-'}, built {v.get('built_at') or '-'}")
-        lines.append(f"    {format_endpoints(status['inference_url'], model)}")
+        lines.append(f"    {format_endpoints(status['inference_url'], model, status.get('oip_url', ''))}")
+    gateway = status.get("oip_gateway")
+    if gateway:
+        lines.append(f"  OIP v2 gateway {gateway['url']} (pid {gateway['pid']}): "
+                     + ("running; probes /v2/health/live|ready take no token" if gateway["running"] else "NOT RUNNING"))
     traffic = status.get("traffic")
     if traffic:
         lines.append(f"  traffic ({traffic['window']}): {traffic['requests']} requests, "

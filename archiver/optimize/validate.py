@@ -34,6 +34,9 @@ class Figures:
     latency_ms_b1: Optional[float] = None
     latency_ms_b32: Optional[float] = None
     failures: list[str] = field(default_factory=list)
+    # name -> OIP datatype and shape as the served runtime returned it, -1 for the batch axis and for axes whose
+    # length followed a free input axis: what the OIP gateway reports as the model's outputs
+    output_tensors: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -52,7 +55,7 @@ class Figures:
             "checked_lengths": list(self.checked_lengths), "top1_agreement": self.top1_agreement,
             "accuracy": self.accuracy, "reference_accuracy": self.reference_accuracy,
             "latency_ms_b1": self.latency_ms_b1, "latency_ms_b32": self.latency_ms_b32, "passed": self.passed,
-            "failures": list(self.failures),
+            "failures": list(self.failures), "output_tensors": dict(self.output_tensors),
         }
 
 
@@ -87,6 +90,7 @@ def compare(reference: RunFn, candidate: RunFn, inputs: Arrays, criteria: Criter
     a length fails on them. Top-1 and accuracy are read from the `primary` output (default: the first).
     """
     figures = Figures(samples=rows_of(inputs))
+    seen: list[Arrays] = []
     for position, sample_set in enumerate((inputs, *extra_sets)):
         expected = run_batched(reference, sample_set, batch)
         got = run_batched(candidate, sample_set, batch)
@@ -102,8 +106,31 @@ def compare(reference: RunFn, candidate: RunFn, inputs: Arrays, criteria: Criter
         if position == 0:
             name = primary or next(iter(expected))
             _classification_figures(figures, expected[name], got[name], labels)
+        seen.append(got)
+    figures.output_tensors = output_tensors(seen)
     figures.failures.extend(_unmet(criteria, figures))
     return figures
+
+
+def output_tensors(runs: list[Arrays]) -> dict:
+    """Each output's OIP datatype and shape over runs at different free-axis lengths: -1 for the batch axis and
+    for every axis whose length differed between runs. Outputs with no OIP datatype are left out."""
+    from handlers.errors import UnsupportedDatatype
+    from handlers.oip import datatype_of
+
+    tensors = {}
+    for name, first in runs[0].items():
+        shapes = {run[name].shape for run in runs if name in run}
+        if len({len(s) for s in shapes}) != 1:
+            continue
+        try:
+            datatype = datatype_of(first)
+        except UnsupportedDatatype:
+            continue
+        shape = [-1 if axis == 0 or len({s[axis] for s in shapes}) > 1 else int(first.shape[axis])
+                 for axis in range(first.ndim)]
+        tensors[name] = {"datatype": datatype, "shape": shape}
+    return tensors
 
 
 def _compare_output(figures: Figures, criteria: Criteria, name: str, label: str, expected: np.ndarray,

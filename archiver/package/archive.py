@@ -23,6 +23,7 @@ from archiver.errors import BuildError
 from archiver.spec import ServingSpec
 from handlers.registry import FRONTENDS
 from handlers.spec import MANIFEST_FILE, ArtifactManifest, parse, to_dict
+from handlers.zero_wait import DEFAULT_MAX_PENDING
 
 HANDLERS_DIR = os.path.dirname(os.path.abspath(handlers.__file__))
 MODEL_CONFIG_FILE = "model-config.yaml"
@@ -33,15 +34,21 @@ def model_config(serving: ServingSpec, gpus: int = 0, extra: Optional[dict] = No
     its `handler:` section. `gpus` is the GPU count of the host the archive is built for."""
     from archiver.deploy.placement import device_config
 
+    zero_wait = serving.batching == "zero_wait"
     config = {
         **device_config(serving, gpus),
-        "batchSize": serving.batch_size,
+        # zero_wait: the frontend hands each request over at once and the handler batches (handlers/zero_wait.py)
+        "batchSize": 1 if zero_wait else serving.batch_size,
         "maxBatchDelay": serving.max_batch_delay_ms,
         "responseTimeout": serving.response_timeout_s,
     }
     if serving.job_queue_size:
         config["jobQueueSize"] = serving.job_queue_size
     handler = {}
+    if zero_wait:
+        config["asyncCommunication"] = True
+        handler["zero_wait"] = {"max_batch": serving.batch_size,
+                                "max_pending": max(serving.job_queue_size or DEFAULT_MAX_PENDING, serving.batch_size)}
     if serving.intra_op_threads:
         handler["intra_op_threads"] = serving.intra_op_threads
     if not serving.cpu_fallback:

@@ -54,11 +54,11 @@ def scenario_restart(rig: Rig, settings: Settings) -> dict:
     os.makedirs(store)
     for name in (f"{MODEL}_v1.0.mar", f"{MODEL}_v2.0.mar"):
         shutil.copy2(os.path.join(rig.store, name), store)
-    ports = [str(p) for p in free_ports(5)]
+    ports = [str(p) for p in free_ports(6)]
     config = os.path.join(folder, "config.properties")
     steps = [("config", "--load", f"{MODEL}_v1.0.mar", "--enable-model-api", "--model-store", store, "--out", config,
               "--inference-port", ports[0], "--management-port", ports[1], "--metrics-port", ports[2],
-              "--grpc-ports", ports[3], ports[4]),
+              "--grpc-ports", ports[3], ports[4], "--oip-port", ports[5]),
              ("serve", "start", "--config", config, "--run-dir", run_dir, "--fresh"),
              ("register", os.path.join(store, f"{MODEL}_v2.0.mar"), "--set-default", "--run-dir", run_dir)]
     try:

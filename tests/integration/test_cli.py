@@ -29,11 +29,11 @@ def test_config_serve_register_versions_predict_status_unregister_stop(digits_st
     store = os.path.join(work, "store")
     shutil.copytree(digits_store["store"], store)
     run_dir = os.path.join(work, "run")
-    ports = [str(p) for p in free_ports(5)]
+    ports = [str(p) for p in free_ports(6)]
     config = os.path.join(store, "config.properties")
     written = tspack("config", "--model-store", store, "--load", "digits_v1.0.mar", "--enable-model-api",
                      "--inference-port", ports[0], "--management-port", ports[1], "--metrics-port", ports[2],
-                     "--grpc-ports", ports[3], ports[4], "--out", config, cwd=work)
+                     "--grpc-ports", ports[3], ports[4], "--oip-port", ports[5], "--out", config, cwd=work)
     assert written.returncode == 0, written.stderr
     assert "token auth: on   model API: on" in written.stdout
     started = tspack("serve", "start", "--config", config, "--run-dir", run_dir, cwd=work)

@@ -1,8 +1,9 @@
 """A text classifier built from a save_pretrained folder made here, served by a real TorchServe (issue 13).
 
-Curl-style requests (JSON, text/plain, OIP v2 BYTES) must equal the transformers model's in-process answers on
-the same texts; texts of different lengths sent at once (TorchServe batches them) answer as if alone; bad input
-gets its own 4xx while the requests sent with it are answered.
+Curl-style requests (JSON, text/plain, OIP v2 BYTES as JSON and, through tritonclient's HTTP client, in the
+binary tensor extension) must equal the transformers model's in-process answers on the same texts; texts of
+different lengths sent at once (TorchServe batches them) answer as if alone; bad input gets its own 4xx while the
+requests sent with it are answered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 
 import numpy as np
 import pytest
+import requests
 
 pytest.importorskip("transformers")
 
@@ -51,6 +53,30 @@ def server(folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return server.client()
+
+
+@pytest.fixture(scope="module")
+def auth(server) -> dict:
+    with open(server.key_file) as f:
+        return {"Authorization": "Bearer " + json.load(f)["inference"]["key"]}
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    httpclient = pytest.importorskip("tritonclient.http")
+    client = httpclient.InferenceServerClient(server.inference_url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+def bytes_input(texts: list[str], binary: bool = True, element: bytes | None = None):
+    """tritonclient's BYTES input; `element` replaces every text's UTF-8 bytes (to send bytes that are not UTF-8)."""
+    from tritonclient.http import InferInput
+
+    tensor = InferInput("TEXT", [len(texts)], "BYTES")
+    values = [element if element is not None else t.encode("utf-8") for t in texts]
+    tensor.set_data_from_numpy(np.array(values, dtype=np.object_), binary_data=binary)
+    return tensor
 
 
 def expected_logits(folder: str, texts: list[str]) -> np.ndarray:
@@ -116,3 +142,35 @@ def test_the_archive_ships_the_tokenizer_and_describes_its_text_spec(client):
     assert custom["frontend"] == "text" and custom["text"]["max_length"] == MAX_LENGTH
     assert [i["name"] for i in custom["inputs"]] == ["input_ids", "attention_mask"]
     assert os.path.basename(custom["text"]["tokenizer"]) == "tokenizer.json"
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_bytes_input_equals_the_transformers_model(triton, auth, folder, binary):
+    from tritonclient.http import InferRequestedOutput
+
+    texts = TEXTS[1:]
+    outputs = None if binary else [InferRequestedOutput("logits", binary_data=False)]
+    result = triton.infer("sentiment", [bytes_input(texts, binary)], outputs=outputs, request_id="t-1",
+                          headers=dict(auth))  # a copy: infer() writes its header length into the dict
+    np.testing.assert_allclose(result.as_numpy("logits"), expected_logits(folder, texts), atol=1e-4)
+    response = result.get_response()
+    assert response["id"] == "t-1" and response["model_name"] == "sentiment"
+    assert response["parameters"]["truncated"] is True and response["parameters"]["truncated_rows"] == "3"
+
+
+def test_bad_oip_text_requests_get_a_4xx_naming_the_problem(triton, server, auth):
+    from tritonclient.http import InferenceServerClient, InferInput
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="element 0 is not UTF-8"):
+        triton.infer("sentiment", [bytes_input(["x"], element=b"caf\xe9")], headers=dict(auth))
+    numbers = InferInput("TEXT", [1], "FP32")
+    numbers.set_data_from_numpy(np.zeros(1, np.float32))
+    with pytest.raises(InferenceServerException, match="FP32; a text model takes BYTES"):
+        triton.infer("sentiment", [numbers], headers=dict(auth))
+    body, length = InferenceServerClient.generate_request_body([bytes_input(["good"])])
+    cut = requests.post(f"{server.inference_url}/v2/models/sentiment/infer", data=body[:-1],
+                        headers={**auth, "Inference-Header-Content-Length": str(length)})
+    assert cut.status_code == 400 and cut.json()["type"] == "binary_size_mismatch", cut.text
+    result = triton.infer("sentiment", [bytes_input(["good"])], headers=dict(auth))  # the worker still answers
+    assert result.as_numpy("logits").shape == (1, 2)

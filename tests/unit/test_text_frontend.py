@@ -85,6 +85,36 @@ def logits(pretrained, decoded: Decoded) -> np.ndarray:
     return pretrained.reference(decoded.inputs)["logits"]
 
 
+def oip_binary(texts, shape=None, outputs=None, request_id="", element=None) -> Request:
+    """An OIP request as tritonclient's HTTP client sends it by default: BYTES in the binary tensor extension.
+
+    element: raw bytes for every element instead of the texts' UTF-8 (to send bytes that are not UTF-8).
+    """
+    from tritonclient.http import InferenceServerClient, InferInput
+
+    values = [element if element is not None else t.encode("utf-8") for t in texts]
+    array = np.array(values, dtype=np.object_).reshape(shape or [len(values)])
+    tensor = InferInput("TEXT", list(array.shape), "BYTES")
+    tensor.set_data_from_numpy(array)
+    body, length = InferenceServerClient.generate_request_body([tensor], outputs=outputs, request_id=request_id)
+    return Request(payload=body, headers={"inference-header-content-length": str(length)})
+
+
+def raw_oip(data: bytes, shape=(1,)) -> Request:
+    """A binary OIP request written by hand: one BYTES input whose binary data is `data`, as is."""
+    header = json.dumps({"inputs": [{"name": "t", "shape": list(shape), "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return Request(payload=header + data, headers={"inference-header-content-length": str(len(header))})
+
+
+def oip_result(answer):
+    """tritonclient's own reading of an answer (binary or JSON outputs)."""
+    from tritonclient.http import InferenceServerClient
+
+    length = answer.headers.get("Inference-Header-Content-Length")
+    return InferenceServerClient.parse_response_body(answer.raw, header_length=int(length) if length else None)
+
+
 # --- tokenization -------------------------------------------------------------------------------------------
 
 
@@ -135,9 +165,8 @@ def test_the_answer_says_truncated_only_for_the_truncated_text(pipeline):
 
 def test_same_text_alone_and_inside_a_padded_batch_gets_the_same_answer(frontend, pretrained):
     items = [frontend.decode(request({"text": t})) for t in TEXTS] + [frontend.decode(request({"texts": [LONG]}))]
-    [(indices, batch)] = frontend.collate(items)
-    assert indices == list(range(len(items)))
     lengths = [item.inputs["input_ids"].shape[1] for item in items]
+    batch = frontend.encoder.pad([item.inputs for item in items])
     assert batch["input_ids"].shape == (len(items), max(lengths)) and len(set(lengths)) > 2
     together = pretrained.reference(batch)["logits"]
     alone = np.concatenate([logits(pretrained, item) for item in items])
@@ -145,6 +174,55 @@ def test_same_text_alone_and_inside_a_padded_batch_gets_the_same_answer(frontend
     np.testing.assert_allclose(together, alone, atol=1e-5)
     padded_to_max = frontend.encoder.pad([item.inputs for item in items], length=MAX_LENGTH)
     np.testing.assert_allclose(pretrained.reference(padded_to_max)["logits"], alone, atol=1e-5)
+
+
+def test_collate_pads_each_run_to_its_own_longest_row_and_answers_as_if_alone(frontend, pretrained):
+    texts = ["good", "ok", "not bad", "fine", TEXTS[1], "great", "bad", "meh", "nice", TEXTS[2]]
+    items = [frontend.decode(request({"text": t})) for t in texts] + [frontend.decode(request({"texts": [LONG] * 4}))]
+    runs = frontend.collate(items)
+    assert len(runs) > 1  # short texts beside many long rows run apart: the check below covers several runs
+    assert sorted(i for positions, _ in runs for i in positions) == list(range(len(items)))
+    for positions, batch in runs:
+        lengths = [items[i].inputs["input_ids"].shape[1] for i in positions]
+        assert batch["input_ids"].shape == (sum(items[i].rows for i in positions), max(lengths))
+        alone = np.concatenate([logits(pretrained, items[i]) for i in positions])
+        np.testing.assert_allclose(pretrained.reference(batch)["logits"], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths, rows, run_cost, expected", [
+    ([5, 5, 5], [1, 1, 1], 64, [[0, 1, 2]]),                 # one length: one run
+    ([30, 4, 5, 31], [1, 1, 1, 1], 64, [[1, 2, 0, 3]]),       # splitting saves 52 tokens, a run costs 64
+    ([30, 4, 5, 31], [1, 1, 1, 1], 16, [[1, 2], [0, 3]]),     # ... and is worth it when a run costs 16
+    ([100, 128], [1, 16], 64, [[0, 1]]),                      # a slightly shorter row pads along
+    ([8, 128], [16, 1], 64, [[0], [1]]),                      # many short rows run apart from a long one
+    ([3, 2, 1], [1, 1, 1], 0, [[2], [1], [0]]),               # free runs: one per length, shortest first
+    ([], [], 64, []),
+])
+def test_length_runs_split_where_the_padding_saved_outweighs_a_run(lengths, rows, run_cost, expected):
+    from handlers.frontends.text import length_runs
+
+    assert length_runs(lengths, rows, run_cost) == expected
+
+
+def test_length_runs_are_as_cheap_as_the_best_split_found_by_trying_them_all():
+    import itertools
+
+    from handlers.frontends.text import length_runs
+
+    def cost(runs, lengths, rows, run_cost):
+        return sum(run_cost + sum(rows[i] for i in run) * max(lengths[i] for i in run) for run in runs)
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 7))
+        lengths, rows = rng.integers(1, 60, n).tolist(), rng.integers(1, 5, n).tolist()
+        run_cost = int(rng.integers(0, 100))
+        order = sorted(range(n), key=lambda i: lengths[i])
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, n))], lengths, rows, run_cost)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        runs = length_runs(lengths, rows, run_cost)
+        assert sorted(i for run in runs for i in run) == list(range(n))
+        assert cost(runs, lengths, rows, run_cost) == best
 
 
 def test_collate_pads_to_max_length_when_asked_for_the_benchmark(manifest, folder, pretrained):
@@ -189,7 +267,7 @@ def test_every_transport_of_the_same_text_gets_the_same_top_k(pipeline, pretrain
         assert [p["label"] for p in rows] == [p["label"] for p in single["predictions"]]
         np.testing.assert_allclose([p["probability"] for p in rows], [p["probability"] for p in single["predictions"]],
                                    atol=1e-6)
-    out = answers[6].body
+    out = json.loads(answers[6].raw)
     assert out["id"] == "r1" and out["outputs"][0]["name"] == "logits" and out["outputs"][0]["shape"] == [1, 2]
     np.testing.assert_allclose(out["outputs"][0]["data"], expected, atol=1e-6)
 
@@ -215,6 +293,72 @@ def test_load_refuses_a_missing_tokenizer_and_inputs_the_tokenizer_cannot_fill(m
         TextFrontend(extra, folder)
 
 
+# --- OIP v2 through the shared codec (handlers/oip.py) -------------------------------------------------------
+
+
+def test_oip_binary_bytes_input_answers_like_the_model_with_binary_logits(pipeline, pretrained):
+    texts = [TEXTS[0], LONG, "ÉMOJI 🙂 and ü"]
+    [answer] = pipeline.process([oip_binary(texts, request_id="b-1")])
+    assert answer.status == 200 and answer.content_type == "application/octet-stream", answer.body
+    result = oip_result(answer)
+    expected = logits(pretrained, pipeline.frontend.tokenize(texts, False, "json"))
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-6)
+    response = result.get_response()
+    assert response["id"] == "b-1" and response["model_name"] == "sentiment"
+    assert response["parameters"] == {"binary_data_output": True, "truncated": True, "truncated_rows": "1"}
+
+
+def test_oip_json_and_binary_and_grpc_forms_of_the_same_texts_agree(pipeline, pretrained):
+    import base64
+
+    from tritonclient.http import InferRequestedOutput
+
+    texts = [TEXTS[1], TEXTS[3]]
+    json_oip = {"inputs": [{"name": "t", "shape": [2, 1], "datatype": "BYTES", "data": [[texts[0]], [texts[1]]]}],
+                "outputs": [{"name": "logits"}]}
+    encoded = [base64.b64encode(t.encode()).decode() for t in texts]
+    grpc_body = {"model_name": "sentiment", "id": "g",
+                 "inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": encoded}]}
+    answers = pipeline.process([
+        request(json_oip), Request(payload=json_oip),  # raw bytes, and a dict TorchServe already parsed
+        oip_binary(texts, shape=[2, 1], outputs=[InferRequestedOutput("logits", binary_data=False)]),
+        Request(payload=json.dumps(grpc_body).encode(), headers={}),  # TorchServe's gRPC bridge: no headers
+    ])
+    assert [a.status for a in answers] == [200] * 4, [a.body for a in answers]
+    expected = logits(pretrained, pipeline.frontend.tokenize(texts, False, "json"))
+    for answer in answers:
+        np.testing.assert_allclose(oip_result(answer).as_numpy("logits"), expected, atol=1e-6)
+    assert answers[2].content_type == "application/json" and json.loads(answers[3].raw)["id"] == "g"
+
+
+def test_a_binary_oip_request_answers_on_a_real_context_beside_json_ones(manifest, pipeline, folder, pretrained):
+    from ts.context import Context
+
+    from handlers.metrics import HandlerMetrics
+    from tests import support
+
+    context = Context("sentiment", folder, {"model": {"modelName": "sentiment", "handler": "text.py"}}, 3, None,
+                      "0.12.0", model_yaml_config={})
+    handler = TextHandler()
+    handler.context, handler.model_dir, handler.pipeline = context, folder, pipeline
+    handler.metrics = HandlerMetrics(context, manifest)
+    handler.initialized = True
+    good, bad = oip_binary([TEXTS[1], TEXTS[0]]), oip_binary(["caf"], element=b"caf\xe9")
+    data = support.torchserve_batch(context, [
+        (b'{"text": "I loved it"}', "application/json"), (good.payload, ""), (bad.payload, "")],
+        headers=[{}, {"Inference-Header-Content-Length": good.headers["inference-header-content-length"]},
+                 {"Inference-Header-Content-Length": bad.headers["inference-header-content-length"]}])
+    bodies = handler.handle(data, context)
+    assert support.statuses(context, 3) == [200, 200, 400]
+    length = context.get_response_headers(1)["Inference-Header-Content-Length"]
+    from tritonclient.http import InferenceServerClient
+
+    result = InferenceServerClient.parse_response_body(bodies[1], header_length=int(length))
+    expected = logits(pretrained, pipeline.frontend.tokenize([TEXTS[1], TEXTS[0]], False, "json"))
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-6)
+    assert json.loads(bodies[2])["type"] == "not_utf8" and "element 0" in json.loads(bodies[2])["error"]
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 BAD = [
@@ -237,9 +381,40 @@ BAD = [
     (request(b'{"text": "good"'), 400, "malformed_json", "malformed JSON"),
     (request(b"\x89PNG\r\n", "image/png"), 415, "unsupported_media_type", "text/plain"),
     (request({"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1.0]}]}), 422, "dtype_mismatch",
-     "BYTES"),
+     "'t' is FP32; a text model takes BYTES"),
     (request({"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}), 422, "shape_mismatch",
-     "shape"),
+     r"1 values but shape \[2\]"),
+    # OIP v2, refused by the shared codec (handlers/oip.py) or by the text front end
+    (request({"inputs": [{"name": "t", "shape": [1], "datatype": "STRING", "data": ["a"]}]}), 400,
+     "unsupported_datatype", "STRING"),
+    (request({"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": [3]}]}), 422, "dtype_mismatch",
+     "values must be strings"),
+    (request({"inputs": [{"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+                         {"name": "b", "shape": [1], "datatype": "BYTES", "data": ["y"]}]}), 400,
+     "malformed_oip_request", "one BYTES input .*got 2: a, b"),
+    (request({"inputs": []}), 400, "malformed_oip_request", "non-empty list"),
+    (request({"inputs": [{"name": "t", "datatype": "BYTES", "data": ["x"]}]}), 400, "malformed_oip_request",
+     "lacks shape"),
+    (request({"inputs": [{"name": "t", "shape": [0], "datatype": "BYTES", "data": []}]}), 400, "empty_text",
+     "no texts"),
+    (request({"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
+              "outputs": [{"name": "probs"}]}), 422, "unknown_output", "'probs'; this model has: logits"),
+    (oip_binary(["good", "bad"], element=b"\xff\xfe"), 400, "not_utf8", "element 0 is not UTF-8"),
+    (oip_binary([" "]), 400, "empty_text", "empty"),
+    (oip_binary(["good"] * (MAX_TEXTS + 1)), 413, "too_many_texts", f"at most {MAX_TEXTS}"),
+    (oip_binary(["x" * MAX_BODY]), 413, "payload_too_large", str(MAX_BODY)),
+    (Request(payload=oip_binary(["good"]).payload[:-1], headers=oip_binary(["good"]).headers), 400,
+     "binary_size_mismatch", "declares 8 binary bytes but only 7 remain"),
+    (raw_oip(b"\x09\x00\x00\x00good"), 400, "binary_size_mismatch", "element 0 claims 9 bytes; only 4 remain"),
+    (raw_oip(b"\x04\x00\x00\x00good", shape=[2]), 400, "binary_size_mismatch", "needs 2 elements.* holds 1"),
+    (Request(payload=oip_binary(["good"]).payload + b"xx", headers=oip_binary(["good"]).headers), 400,
+     "binary_size_mismatch", "2 binary bytes that no input"),
+    (Request(payload=oip_binary(["good"]).payload, headers={"inference-header-content-length": "ten"}), 400,
+     "malformed_oip_request", "must be an integer"),
+    (Request(payload=oip_binary(["good"]).payload, headers={"inference-header-content-length": "100000"}), 400,
+     "binary_size_mismatch", "the body has"),
+    (Request(payload=oip_binary(["good"]).payload, headers={"inference-header-content-length": "5"}), 400,
+     "malformed_json", "OIP JSON header is malformed"),
 ]
 
 
@@ -329,6 +504,8 @@ def test_onnx_archive_built_from_the_folder_answers_like_the_transformers_model(
     support.build_models(store, [{
         "name": "sentiment", "version": "1.0", "source": {"pretrained": folder}, "frontend": "text",
         "text": {"max_length": MAX_LENGTH, "max_texts": MAX_TEXTS}, "max_body_bytes": MAX_BODY,
+        # TorchServe's own batching: handle() answers at once (zero-wait archives answer from a coroutine)
+        "serving": {"batch_size": 8, "max_batch_delay_ms": 5},
         "artifacts": [{"format": "onnx"}]}])
     model_dir = support.extract(os.path.join(store, "sentiment_v1.0.mar"), str(tmp_path / "model"))
     assert os.path.isfile(os.path.join(model_dir, "tokenizer.json"))

@@ -23,6 +23,7 @@ CONFIG = os.path.join(STORE, "config.properties")
 RUN_DIR = os.path.join(".tspack", "server")
 KEY_FILE = os.path.join(RUN_DIR, "key_file.json")
 INFERENCE = "http://127.0.0.1:8080"
+OIP_GATEWAY = "http://127.0.0.1:8083"  # the default of tspack config --oip-port
 
 
 def step(title: str) -> None:
@@ -57,6 +58,32 @@ def curl_predict(path: str, body_file: str, key: str) -> dict:
     out = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=True).stdout
     return json.loads(out)
 
+
+
+def oip_with_tritonclient(key: str) -> None:
+    """What a KServe/Triton client does: check readiness, read the model's metadata, infer with binary tensors."""
+    import tritonclient.http as oip
+
+    gateway = OIP_GATEWAY.split("//", 1)[1]
+    print(f'  tritonclient.http.InferenceServerClient("{gateway}"), headers {{"Authorization": "Bearer $KEY"}}')
+    client = oip.InferenceServerClient(gateway)
+    headers = {"Authorization": f"Bearer {key}"}
+    print(f"  server live: {client.is_server_live()}, ready: {client.is_server_ready()}; "
+          f"digits 1.0 ready: {client.is_model_ready('digits', '1.0')}")
+    meta = client.get_model_metadata("digits", headers=headers)
+    spec_in, spec_out = meta["inputs"][0], meta["outputs"][0]
+    print(f"  metadata: versions {meta['versions']}, platform {meta['platform']}, input {spec_in['name']} "
+          f"{spec_in['datatype']} {spec_in['shape']}, output {spec_out['name']} {spec_out['datatype']} "
+          f"{spec_out['shape']}")
+    with open(os.path.join(WORK, "heldout_0.json"), encoding="utf-8") as f:
+        x = np.asarray(json.load(f)["data"], dtype=np.float32)[None]
+    tensor = oip.InferInput(spec_in["name"], list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    for version in ("1.0", "2.0"):
+        result = client.infer("digits", [tensor], model_version=version, headers=headers)
+        scores = result.as_numpy(spec_out["name"])
+        print(f"  -> infer digits {version} (binary): {spec_out['name']} shape {list(scores.shape)}, "
+              f"top class {int(np.argmax(scores[0]))}")
 
 def served_accuracy(version: str, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of one served version on the held-out set, one HTTP request per image."""
@@ -277,6 +304,9 @@ def main() -> int:
         top = curl_text("sentiment", text, key)["predictions"][0]
         print(f"  -> {top['label']} (p={top['probability']:.3f}); true label {label}")
     print(f"  sentiment: {served_text_accuracy():.1%} held-out accuracy as served", flush=True)
+
+    step("8e. Open Inference Protocol v2 through the tspack gateway: tritonclient, binary tensors (its default)")
+    oip_with_tritonclient(key)
 
     step("9. A/B test: 1.0 vs 2.0, 50/50, sticky on X-Request-Key (router archive; the .war twin beside it)")
     tspack("register", os.path.join(STORE, "digits-ab_v1.0.mar"))

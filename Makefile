@@ -37,10 +37,12 @@ unit: $(STAMP)
 integration: java $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
-# The serving benchmark (GitHub issue 6): tspack vs the model alone, a naive TorchServe, FastAPI and LitServe.
-# ~15 min; QUICK=1: light model only, fewer configurations, shorter runs (~2 min). Peers get benchmarks/.venv.
+# The serving benchmark (GitHub issues 6, 19): tspack vs the model alone, a naive TorchServe, FastAPI and LitServe, in
+# interleaved rounds (~19 min), then the text benchmark (issue 13: BERT-style classifier vs a FastAPI peer, ~6 min).
+# QUICK=1: light model only, one configuration each, 2 rounds (~2-3 min), and a short text run. Peers get benchmarks/.venv.
 bench: java $(STAMP)
 	$(BIN)/python -m benchmarks.bench $(if $(QUICK),--quick)
+	$(BIN)/python -m benchmarks.text_bench $(if $(QUICK),--quick)
 
 # In-process optimization figures (issue 3): int8 and ONNX Runtime speed, size and agreement.
 bench-optimize: $(STAMP)

@@ -49,24 +49,40 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Variant:
-    """One tspack archive: a runtime plus the serving settings baked into its model-config.yaml."""
+    """One tspack archive: a runtime plus the serving settings baked into its model-config.yaml.
 
-    runtime: str  # "torchscript" | "onnx" | "onnx-int8"
+    batching: "delay" (TorchServe's frontend waits up to `delay_ms` for a batch to fill) or "zero_wait" (the
+    handler runs whatever is queued the moment the model is free, up to `batch_size`; `delay_ms` unused).
+    """
+
+    runtime: str  # "torchscript" | "onnx" | "onnx-int8" | "aoti"
     workers: int
     threads: int
     batch_size: int
-    delay_ms: int
+    delay_ms: int = 0
+    batching: str = "delay"
 
     @property
     def label(self) -> str:
+        if self.batching == "zero_wait":
+            return f"{self.workers}w x {self.threads}t, zero-wait batch {self.batch_size}"
         return f"{self.workers}w x {self.threads}t, batch {self.batch_size}/{self.delay_ms}ms"
 
     def archive_name(self, model: ModelDef) -> str:
-        return f"{model.name}-{self.runtime}-w{self.workers}t{self.threads}-b{self.batch_size}d{self.delay_ms}"
+        batching = f"zw{self.batch_size}" if self.batching == "zero_wait" else f"b{self.batch_size}d{self.delay_ms}"
+        return f"{model.name}-{self.runtime}-w{self.workers}t{self.threads}-{batching}"
+
+    def serving(self) -> dict:
+        """The spec's `serving:` block."""
+        common = {"batch_size": self.batch_size, "workers": self.workers, "intra_op_threads": self.threads}
+        if self.batching == "zero_wait":
+            return {**common, "batching": "zero_wait"}
+        return {**common, "max_batch_delay_ms": self.delay_ms}
 
 
 ARTIFACTS = {
     "torchscript": {"format": "torchscript", "method": "trace"},
+    "aoti": {"format": "aoti"},
     "onnx": {"format": "onnx"},
     # Random weights give near-tied logits, so int8 flips some top-1 answers that a trained model would not.
     "onnx-int8": {"format": "onnx", "quantize": {"mode": "static", "min_top1_agreement": 0.75,
@@ -93,17 +109,69 @@ def torchscript(model: ModelDef, work: str) -> str:
     return path
 
 
-def bodies(model: ModelDef, work: str) -> dict[str, str]:
-    """One request, as JSON `{"data": [...]}` and as .npy bytes; identical bytes for every system."""
-    rng = np.random.default_rng(1)
-    sample = rng.random(model.shape, dtype=np.float32)  # JSON: each float32 at full precision (~19 chars)
-    paths = {"json": os.path.join(work, f"{model.name}.json"), "npy": os.path.join(work, f"{model.name}.npy")}
+@dataclass(frozen=True)
+class Body:
+    """One request's bytes in one form, and how it is sent: content type, more headers, and which of a served
+    system's URLs takes it ("": its own, "oip": /v2/models/{name}/infer)."""
+
+    kind: str  # "json" | "npy" | "oip-json" | "oip-binary"
+    file: str
+    content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+    protocol: str = ""
+
+
+def sample_of(model: ModelDef) -> np.ndarray:
+    """The one request every system gets (seeded)."""
+    return np.random.default_rng(1).random(model.shape, dtype=np.float32)
+
+
+def oip_bodies(sample: np.ndarray) -> tuple[bytes, bytes, int]:
+    """The Open Inference Protocol v2 requests tritonclient's HTTP client sends for `sample` (with a batch axis of 1):
+    JSON (inputs and outputs as JSON), and binary (its default: tensor bytes after a JSON header, binary outputs);
+    returns (json body, binary body, the binary body's Inference-Header-Content-Length)."""
+    from tritonclient.http import InferenceServerClient, InferInput
+
+    batch = sample[np.newaxis]
+    forms = {}
+    for binary in (False, True):
+        tensor = InferInput("input", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch, binary_data=binary)
+        forms[binary] = InferenceServerClient.generate_request_body([tensor])
+    document = json.loads(forms[False][0])
+    document.pop("parameters", None)  # JSON in, JSON out: the client's binary_data_output default dropped
+    binary_body, header_length = forms[True]
+    return json.dumps(document, separators=(",", ":")).encode(), binary_body, header_length
+
+
+def request_bodies(model: ModelDef, work: str) -> dict[str, Body]:
+    """One request in every form a system may take; identical bytes for every system that takes the form."""
+    from handlers.oip import HEADER_LENGTH
+
+    sample = sample_of(model)  # JSON: each float32 at full precision (~19 chars)
     os.makedirs(work, exist_ok=True)
-    with open(paths["json"], "w", encoding="utf-8") as f:
+    path = {kind: os.path.join(work, f"{model.name}.{kind}") for kind in ("json", "npy", "oip-json", "oip-binary")}
+    with open(path["json"], "w", encoding="utf-8") as f:
         json.dump({"data": sample.tolist()}, f, separators=(",", ":"))
-    with open(paths["npy"], "wb") as f:
+    with open(path["npy"], "wb") as f:
         np.save(f, sample)
-    return paths
+    oip_json, oip_binary, header_length = oip_bodies(sample)
+    for kind, data in (("oip-json", oip_json), ("oip-binary", oip_binary)):
+        with open(path[kind], "wb") as f:
+            f.write(data)
+    json_type, binary_type = "application/json", "application/octet-stream"
+    return {
+        "json": Body("json", path["json"], json_type),
+        "npy": Body("npy", path["npy"], binary_type),
+        "oip-json": Body("oip-json", path["oip-json"], json_type, protocol="oip"),
+        "oip-binary": Body("oip-binary", path["oip-binary"], binary_type, ((HEADER_LENGTH, str(header_length)),),
+                           protocol="oip"),
+    }
+
+
+def bodies(model: ModelDef, work: str) -> dict[str, str]:
+    """The request files by form ("json", "npy", "oip-json", "oip-binary")."""
+    return {kind: body.file for kind, body in request_bodies(model, work).items()}
 
 
 def model_spec(model: ModelDef, variant: Variant, weights_path: str) -> dict:
@@ -115,8 +183,7 @@ def model_spec(model: ModelDef, variant: Variant, weights_path: str) -> dict:
         "samples": {"count": model.samples},
         # 1.8 MB JSON bodies for the heavy model must fit.
         "max_body_bytes": 8 * 1024 * 1024,
-        "serving": {"batch_size": variant.batch_size, "max_batch_delay_ms": variant.delay_ms,
-                    "workers": variant.workers, "intra_op_threads": variant.threads},
+        "serving": variant.serving(),
         "artifacts": [ARTIFACTS[variant.runtime]],
     }
 

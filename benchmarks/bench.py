@@ -1,11 +1,15 @@
-"""`make bench`: measure, in one run, the limit, tspack, a naive TorchServe, FastAPI and LitServe.
+"""`make bench`: tspack against the in-process limit, a naive TorchServe, FastAPI and LitServe, in interleaved rounds.
 
     .venv/bin/python -m benchmarks.bench [--quick] [--only tspack,limit] [--models light] [--duration S]
+                                         [--rounds N] [--reruns N]
 
-Every HTTP system gets the same request bytes from the same load generator (wrk, benchmarks/loadgen.py)
-on 127.0.0.1, one system at a time. Each system is tried in a few configurations; each configuration is
-a row per concurrency, and the best one (requests/s at concurrency 32) is marked. Writes
-benchmarks/results/latest.json, latest.png and the serving section of BENCHMARKS.md (benchmarks/report.py).
+Per model, two phases. The sweep measures each configuration of each system once, one server at a time, and keeps
+each system's best (requests/s at concurrency 32). The comparison then starts every system's best configuration at
+once, keeps them all up, and measures them in interleaved rounds (benchmarks/rounds.py): each headline figure is the
+median of its per-round ratios, with its spread, and null when a row stayed disturbed by other work after its
+reruns (benchmarks/ratios.py). Every HTTP system gets the same request bytes from the same load generator (wrk,
+benchmarks/loadgen.py) on 127.0.0.1. Writes benchmarks/results/latest.json, latest.png and the serving section of
+BENCHMARKS.md (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -17,21 +21,23 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
-if __package__ in (None, ""):  # run as `python benchmarks/bench.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from archiver.deploy.properties import ModelEntry  # noqa: E402
-from benchmarks import artifacts, limit, loadgen, report, systems  # noqa: E402
-from benchmarks.artifacts import MODELS, Variant  # noqa: E402
+from archiver.deploy.properties import entry_from_archive
+from benchmarks import artifacts, limit, loadgen, report, systems
+from benchmarks.artifacts import MODELS, Body, Variant
+from benchmarks.rounds import RERUNS, Contender, Rounds
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-JSON, NPY = "application/json", "application/octet-stream"
 SYSTEMS = ("limit", "tspack", "naive", "fastapi", "litserve")
-# Every system is warmed the same way before its first measured run: long enough for TorchServe's JVM to
-# compile its hot paths (a 1 s warm-up left tspack at 650 req/s where a warm frontend serves ~1,000), and at
-# the highest concurrency, so every batch shape the runs will see has been run.
+# Every server is warmed the same way before its first measured run: long enough for TorchServe's JVM to compile
+# its hot paths, and at the highest concurrency, so every batch shape the runs will see has been run. The JIT
+# counts calls, so the time it needs grows as the request rate falls: a 1 s warm-up left the light model at 650
+# req/s where a warm frontend serves ~1,000, and at ResNet-18's ~40 req/s the frontend's C2 compiler took 1.9 s
+# of CPU in the first 10 s of load, 0.4 s in the next 10 and ~0.3 s after (2.6 ms of frontend CPU per request
+# once warm, 9.4 ms in the first 10 s), so TorchServe systems get `jit_warmup_s`. Further bodies of a warm server
+# get half.
 WARMUP_CONCURRENCY = 32
 
 
@@ -40,34 +46,61 @@ class Settings:
     quick: bool = False
     models: tuple[str, ...] = ("light", "heavy")
     systems: tuple[str, ...] = SYSTEMS
-    duration_s: dict = field(default_factory=lambda: {"light": 4.0, "heavy": 8.0})
-    warmup_s: float = 6.0
-    concurrencies: tuple[int, ...] = (1, 8, 32)
+    duration_s: dict = field(default_factory=lambda: {"light": 4.0, "heavy": 6.0})
+    warmup_s: dict = field(default_factory=lambda: {"light": 6.0, "heavy": 6.0})
+    jit_warmup_s: dict = field(default_factory=lambda: {"light": 6.0, "heavy": 24.0})  # TorchServe's JVM
+    rounds: int = 3
+    reruns: int = RERUNS
     out_dir: str = os.path.join(BENCH_DIR, "results")
     markdown: str = os.path.join(os.path.dirname(BENCH_DIR), "BENCHMARKS.md")
     work: str = os.path.join(BENCH_DIR, "work", "serving")
     command: str = "make bench"
 
-    def light_variants(self) -> list[Variant]:
+    def variants(self, key: str) -> list[Variant]:
+        """tspack's configurations of the sweep, TorchScript; the first is the quick run's only one."""
+        if key == "light":
+            if self.quick:
+                return [Variant("torchscript", 2, 1, 8, 1)]
+            return ([Variant("torchscript", 2, 1, 8, d) for d in (1, 2, 5)] + [Variant("torchscript", 1, 2, 8, 1)]
+                    + [Variant("torchscript", 2, 1, 8, batching="zero_wait")])
+        # heavy: two 1-thread workers as FastAPI's best layout runs, with delay or zero-wait batching. Left out, as
+        # measured slower here: one 2-thread worker (its OpenMP barriers lose to the frontend's preemptions; the
+        # limit's 1p x 2t rows show the layout), and batch 1 (the model's speed per sample is the same at batch 1
+        # and 8 in two 1-thread processes, and the frontend then sends a message per request).
+        return [Variant("torchscript", 2, 1, 8, 5), Variant("torchscript", 2, 1, 8, batching="zero_wait")]
+
+    def limit_batches(self, key: str) -> tuple[int, ...]:
         if self.quick:
-            return [Variant("torchscript", 2, 1, 8, 1)]
-        return [Variant("torchscript", 1, 2, 8, 1)] + [Variant("torchscript", 2, 1, 8, d) for d in (1, 2, 5)]
+            return (8,)
+        return (8, 32) if key == "light" else (1, 8)
 
     def fastapi_configs(self) -> list[tuple[int, int]]:
-        return [(2, 1)] if self.quick else [(1, 2), (2, 1)]
+        return [(2, 1)] if self.quick else [(2, 1), (1, 2)]
 
-    def litserve_configs(self) -> list[tuple[int, float, int]]:
-        return [(8, 0.005, 2)] if self.quick else [(b, t, n) for b, t in ((1, 0.0), (8, 0.005)) for n in (1, 2)]
+    def litserve_configs(self, key: str) -> list[tuple[int, float, int]]:
+        """(max batch, batch timeout s, torch threads); LitServe runs one inference worker. Its 2-thread configs
+        served half the 1-thread ones' requests on the light model (2 cores: the API server process needs one)."""
+        if key == "heavy":
+            return [(8, 0.005, 2)]
+        return [(8, 0.005, 1)] if self.quick else [(8, 0.005, 1), (1, 0.0, 1)]
+
+    def on(self, system: str) -> bool:
+        return system in self.systems
 
 
 @dataclass
-class Step:
-    name: str
-    run: Callable[[Bench], None]
+class Deployment:
+    """A system to start, and what to send it: (body, concurrencies every round, concurrencies in round 1 only)."""
+
+    label: dict  # system, model, runtime, config, batch_size
+    start: Callable[[], systems.Served]
+    loads: list[tuple[Body, tuple, tuple]]
+    cold: bool = False  # time start() to the first 200 (the light model's cold start)
+    jvm: bool = False  # TorchServe: warmed up for its JIT (Settings.jit_warmup_s)
 
 
 class Bench:
-    """Runs the steps, holds the rows; one server at a time, always stopped before the next starts."""
+    """Runs the steps and holds the rows; the rows of a comparison come from servers kept up together."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -78,52 +111,83 @@ class Bench:
         self.background = 0.0
         self.ctx: dict = {}
         self.bar = None
+        self.rounds = Rounds(self.add, reruns=settings.reruns, say=self.log)
+        self.rounds.failures = self.failures
 
     def log(self, message: str) -> None:
         (self.bar.write if self.bar else print)(message)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        shown = f"c={row['concurrency']}" if row.get("concurrency") else f"in-process batch {row['batch_size']}"
-        self.log(f"  {row['system']:<16} {row['model']:<5} {row['runtime']:<11} {row['config']:<30} {shown:<18} "
-                 f"{row['requests_per_s']:>9.1f} req/s  p99 {row['p99_ms'] or 0:>8.1f} ms  errors {row['errors']}"
-                 + (f"  (other load {row['other_cpu_share']:.0%})" if row.get("other_cpu_share", 0) > 0.1 else ""))
+        shown = f"c={row['concurrency']}" if row.get("concurrency") else f"batch {row['batch_size']}"
+        where = f"{row.get('phase', '')} {row.get('round') or ''}".strip()
+        value = row.get("requests_per_s")
+        numbers = (f"{value:>9.1f} req/s  p99 {row['p99_ms'] or 0:>8.1f} ms  errors {row['errors']}"
+                   if value is not None else f"{row.get('cold_start_s', 0):>6.2f} s  {row.get('peak_rss_mb')} MB")
+        body = row.get("body") or "-"
+        self.log(f"  {where:<9} {row['system']:<16} {row['model']:<5} {row['runtime']:<11} {body:<10} "
+                 f"{row['config']:<34} {shown:<9} {numbers}"
+                 + (f"  (other load {row['other_cpu_share']:.0%}, disturbed)" if row.get("disturbed") else ""))
 
-    def load(self, served: systems.Served, label: dict, body: str, content_type: str,
-             concurrencies: tuple[int, ...]) -> None:
-        """One warm-up per body format, then a measured run per concurrency, each after the queue drained."""
-        duration = self.settings.duration_s[label["model"]]
-        loadgen.run(served.url, body, content_type, WARMUP_CONCURRENCY, self.settings.warmup_s, served.authorization)
-        for c in concurrencies:
-            drain(served, body, content_type)
-            with systems.RssPeak(served.pid) as rss, systems.CpuWatch(served.pid) as cpu:
-                result = loadgen.run(served.url, body, content_type, c, duration, served.authorization)
-                cpu.excluded_cpu_s = result.loadgen_cpu_s
-            self.add({**label, "body": os.path.splitext(body)[1][1:], "concurrency": c, **result.as_dict(),
-                      "peak_rss_mb": rss.peak_mb, "server_cpu_share": cpu.tree_share,
-                      "other_cpu_share": cpu.other_share})
+    def fail(self, label: dict, exc: BaseException, what: str = "") -> None:
+        self.failures.append({**label, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        self.log(f"  FAILED {what or label.get('system')} {label.get('config', '')}: {exc}")
 
-    def serve(self, start: Callable[[], systems.Served], label: dict, loads: list[tuple[str, str, tuple]],
-              cold: bool = False) -> None:
-        """Start a system, run each (body, content type, concurrencies) load against it, stop it."""
+    # -- opening what a phase measures; everything opened is closed by the caller's ExitStack ----------------
+
+    def open_deployment(self, stack: ExitStack, deployment: Deployment) -> list[Contender]:
+        """Start it, warm each body up, and return one contender per body; [] when it does not start."""
         t0 = time.monotonic()
         try:
-            served = start()
+            served = deployment.start()
         except Exception as exc:  # one system that does not start must not cost the others
-            self.failures.append({**label, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-            self.log(f"  FAILED to start {label['system']} {label['config']}: {exc}")
-            return
+            self.fail(deployment.label, exc, "to start")
+            return []
+        stack.callback(served.stop)
+        stack.callback(served.resume)  # first: a paused process group would hold its SIGTERM
+        model = deployment.label["model"]
+        contenders = []
         try:
-            if cold:
-                self.cold_start_s = first_answer(served, loads[0][0], loads[0][1], t0)
+            if deployment.cold:
+                self.cold_start_s = first_answer(served, deployment.loads[0][0], t0)
                 self.log(f"  cold start: {self.cold_start_s:.2f} s from start() to the first 200")
-            for body, content_type, concurrencies in loads:
-                self.load(served, label, body, content_type, concurrencies)
+            for index, (body, every, first) in enumerate(deployment.loads):
+                warmup = (self.settings.jit_warmup_s if deployment.jvm else self.settings.warmup_s)[model]
+                warmup /= 1 if index == 0 else 2
+                loadgen.run(served.url_for(body.protocol), body.file, body.content_type, WARMUP_CONCURRENCY, warmup,
+                            served.authorization, headers=dict(body.headers))
+                drain(served, body)
+                contenders.append(Contender({**deployment.label, "body": body.kind},
+                                            http_measure(served, body, self.settings.duration_s[model]), every,
+                                            first, served.pause, served.resume))
         except Exception as exc:
-            self.failures.append({**label, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-            self.log(f"  FAILED {label['system']} {label['config']}: {exc}")
-        finally:
-            served.stop()
+            self.fail(deployment.label, exc)
+        return contenders
+
+    def open_limits(self, stack: ExitStack, key: str, runtime: str, setups: list[tuple]) -> list[Contender]:
+        """In-process contenders: `setups` are (layout, kind, batch); one pool of children per layout."""
+        ctx = self.ctx[key]
+        mar = ctx["mars"].get(runtime)
+        if mar is None:  # its build failed, and said so
+            return []
+        pools: dict = {}
+        contenders = []
+        seconds = self.settings.duration_s[key] / 2
+        for layout, kind, batch in setups:
+            if layout not in pools:
+                try:
+                    pools[layout] = stack.enter_context(limit.LimitPool(mar, layout))
+                except Exception as exc:
+                    self.fail(label("limit", key, runtime, layout.label, batch), exc)
+                    pools[layout] = None
+            if pools[layout] is None:
+                continue
+            body = ctx["bodies"][ctx["limit_body"]] if kind == "decode" else None
+            config = f"in-process, {layout.label}, {limit.KIND_LABELS[kind]}"
+            contenders.append(Contender({**label("limit", key, runtime, config, batch),
+                                         "body": body.kind if body else None},
+                                        limit_measure(pools[layout], kind, batch, body, seconds), (None,)))
+        return contenders
 
     def run(self, steps: list[Step]) -> dict:
         from tqdm import tqdm
@@ -132,16 +196,14 @@ class Bench:
         self.background = systems.background_share()
         if self.background > 0.1:
             self.log(f"warning: {self.background:.0%} of the CPU is busy with other work before the benchmark starts; "
-                     "numbers will be low and noisy")
+                     "rows measured while it lasts are rerun, and figures built on rows it still disturbs are null")
         self.bar = tqdm(total=len(steps), desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True)
         for step in steps:
             self.bar.set_postfix_str(step.name)
             try:
                 step.run(self)
             except Exception as exc:  # a failed build or limit costs its own rows, not the run
-                error = f"{type(exc).__name__}: {exc}"[:2000]
-                self.failures.append({"system": step.name, "config": "", "error": error})
-                self.log(f"  FAILED {step.name}: {exc}")
+                self.fail({"system": step.name, "config": ""}, exc)
             self.bar.update(1)
         self.bar.close()
         self.bar = None
@@ -151,106 +213,102 @@ class Bench:
                 "cold_start_light_s": self.cold_start_s,
                 "cold_start_of": ("the demo deployment (digits 1.0 + image ONNX + image int8), `tspack serve start` "
                                   "to the first 200" if demo else "one light archive, server start to the first 200"),
-                "elapsed_s": round(time.monotonic() - started, 1), "background_at_start": self.background}
+                "elapsed_s": round(time.monotonic() - started, 1), "background_at_start": self.background,
+                "rounds": self.settings.rounds, "reruns": self.settings.reruns}
 
 
-def drain(served: systems.Served, body_file: str, content_type: str, timeout_s: float = 300) -> None:
+@dataclass
+class Step:
+    name: str
+    run: Callable[[Bench], None]
+
+
+def http_measure(served: systems.Served, body: Body, duration_s: float) -> Callable[[int | None], dict]:
+    """One measured wrk run at a concurrency, after the requests a previous run left queued are answered."""
+
+    def measure(concurrency: int | None) -> dict:
+        drain(served, body)
+        with systems.RssPeak(served.pid) as rss, systems.CpuWatch(served.pid) as cpu:
+            result = loadgen.run(served.url_for(body.protocol), body.file, body.content_type, concurrency, duration_s,
+                                 served.authorization, headers=dict(body.headers))
+            cpu.excluded_cpu_s = result.loadgen_cpu_s
+        # what wrk left queued runs now, not in the next system's turn (where it would count as other work)
+        drain(served, body)
+        answered = max(1, result.requests)
+        return {**result.as_dict(), "peak_rss_mb": rss.peak_mb, "server_cpu_share": cpu.tree_share,
+                "other_cpu_share": cpu.other_share,
+                **{f"{role}_cpu_ms_per_request": round(seconds * 1000.0 / answered, 3)
+                   for role, seconds in cpu.cpu_s_by_role.items()}}
+
+    return measure
+
+
+def limit_measure(pool: limit.LimitPool, kind: str, batch: int, body: Body | None,
+                  seconds: float) -> Callable[[int | None], dict]:
+    def measure(_: int | None) -> dict:
+        # only the limit's children: the servers a comparison keeps up are children of this process too
+        with systems.RssPeak(os.getpid(), match=limit.CHILD) as rss, \
+                systems.CpuWatch(os.getpid(), match=limit.CHILD) as cpu:
+            numbers = pool.measure(kind, batch, seconds, body.file if body else None,
+                                   body.content_type if body else "")
+        return {**numbers, "peak_rss_mb": rss.peak_mb, "loadgen_cpu_share": None, "server_cpu_share": cpu.tree_share,
+                "other_cpu_share": cpu.other_share}
+
+    return measure
+
+
+def drain(served: systems.Served, body: Body, timeout_s: float = 300) -> None:
     """Wait until the requests a previous wrk run left queued are answered: one request queues behind them."""
-    with open(body_file, "rb") as f:
-        systems.http_status(served.url, f.read(), content_type, served.authorization, timeout=timeout_s)
+    with open(body.file, "rb") as f:
+        systems.http_status(served.url_for(body.protocol), f.read(), body.content_type, served.authorization,
+                            timeout=timeout_s, extra_headers=dict(body.headers))
 
 
-def first_answer(served: systems.Served, body_file: str, content_type: str, t0: float, timeout_s: float = 120) -> float:
-    """Seconds from `t0` (just before start()) to the first 200 prediction."""
-    with open(body_file, "rb") as f:
-        body = f.read()
+def first_answer(served: systems.Served, body: Body, t0: float, timeout_s: float = 120) -> float:
+    """Seconds from `t0` (just before start()) to the first 200 answer."""
+    with open(body.file, "rb") as f:
+        data = f.read()
     while time.monotonic() - t0 < timeout_s:
-        if systems.http_status(served.url, body, content_type, served.authorization) == 200:
+        if systems.http_status(served.url_for(body.protocol), data, body.content_type, served.authorization,
+                               extra_headers=dict(body.headers)) == 200:
             return round(time.monotonic() - t0, 3)
         time.sleep(0.05)
-    raise RuntimeError(f"no 200 prediction within {timeout_s:.0f}s of start()")
+    raise RuntimeError(f"no 200 answer within {timeout_s:.0f}s of start()")
 
 
 def label(system: str, model: str, runtime: str, config: str, batch_size: int) -> dict:
     return {"system": system, "model": model, "runtime": runtime, "config": config, "batch_size": batch_size}
 
 
-# -- steps ---------------------------------------------------------------------------------------------
+# -- deployments ----------------------------------------------------------------------------------------------
 
 
-def prepare(key: str, variants: list[Variant]) -> Step:
-    def run(bench: Bench) -> None:
-        model, work = MODELS[key], bench.settings.work
-        store = os.path.join(work, "store")
-        ctx = {"bodies": artifacts.bodies(model, work), "torchscript": artifacts.torchscript(model, work),
-               "store": store, "names": artifacts.build_tspack(model, variants, work, store)}
-        if "naive" in bench.settings.systems:
-            ctx["naive"] = artifacts.build_naive(model, work, store)
-        bench.ctx[key] = ctx
+def tspack_deployment(bench: Bench, key: str, variant: Variant, loads: list[tuple[str, tuple, tuple]],
+                      cold: bool = False) -> Deployment:
+    """tspack serving one archive (built on first use); `loads` are (body kind, every round, round 1 only)."""
+    ctx = bench.ctx[key]
+    name = variant.archive_name(MODELS[key])
 
-    return Step(f"build {key}", run)
+    def start() -> systems.Served:
+        artifacts.build_tspack(MODELS[key], [variant], bench.settings.work, ctx["store"])
+        # workers and batching as `tspack config --load` reads them from the archive (zero-wait: batchSize 1)
+        entry = entry_from_archive(f"{name}_v1.0.mar", os.path.abspath(ctx["store"]))
+        return systems.start_tspack(os.path.join(bench.settings.work, "servers", name), ctx["store"], entry)
 
-
-def limit_step(key: str, runtime: str, batches: tuple[int, ...], threads: int) -> Step:
-    def run(bench: Bench) -> None:
-        model, ctx = MODELS[key], bench.ctx[key]
-        variant = Variant(runtime, 1, threads, 8, 5)
-        name = artifacts.build_tspack(model, [variant], bench.settings.work, ctx["store"])[variant]
-        mar = os.path.join(ctx["store"], f"{name}_v1.0.mar")
-        for batch in batches:
-            with systems.RssPeak(os.getpid()) as rss, systems.CpuWatch(os.getpid()) as cpu:
-                numbers = limit.measure(mar, batch, threads, bench.settings.duration_s[key] / 2)
-            config = f"in-process, {numbers.pop('threads')} threads"
-            bench.add({**label("limit", key, runtime, config, batch), "body": None, "concurrency": None, **numbers,
-                       "peak_rss_mb": rss.peak_mb, "loadgen_cpu_share": None, "server_cpu_share": cpu.tree_share,
-                       "other_cpu_share": cpu.other_share})
-
-    return Step(f"limit {key} {runtime}", run)
+    return Deployment(label("tspack", key, variant.runtime, variant.label, variant.batch_size), start,
+                      [(ctx["bodies"][kind], every, first) for kind, every, first in loads], cold, jvm=True)
 
 
-def tspack_step(key: str, variant: Variant | Callable[[Bench], Variant], loads: list[tuple[str, tuple]],
-                cold: bool = False) -> Step:
-    """tspack serving one archive; `loads` are (body kind, concurrencies) run against the same server."""
+def naive_deployment(bench: Bench, key: str, concurrencies: tuple) -> Deployment:
+    ctx = bench.ctx[key]
 
-    def run(bench: Bench) -> None:
-        v = variant(bench) if callable(variant) else variant
-        model, ctx = MODELS[key], bench.ctx[key]
-        name = artifacts.build_tspack(model, [v], bench.settings.work, ctx["store"])[v]
-        entry = ModelEntry(name=name, version="1.0", mar=f"{name}_v1.0.mar", workers=v.workers,
-                                   batch_size=v.batch_size, max_batch_delay_ms=v.delay_ms)
-        folder = os.path.join(bench.settings.work, "servers", name)
-        bodies = [(ctx["bodies"][kind], JSON if kind == "json" else NPY, cs) for kind, cs in loads]
-        bench.serve(lambda: systems.start_tspack(folder, ctx["store"], entry),
-                    label("tspack", key, v.runtime, v.label, v.batch_size), bodies, cold=cold)
+    def start() -> systems.Served:
+        name = artifacts.build_naive(MODELS[key], bench.settings.work, ctx["store"])
+        return systems.start_naive(os.path.join(bench.settings.work, "servers", name), ctx["store"], name)
 
-    shown = variant.label if isinstance(variant, Variant) else "best config"
-    return Step(f"tspack {key} {shown}", run)
-
-
-def unbatched_variants() -> list[Variant]:
-    return [Variant(runtime, 1, 1, 1, 0) for runtime in ("torchscript", "onnx")]
-
-
-def best_light_variant(runtime: str) -> Callable[[Bench], Variant]:
-    def pick(bench: Bench) -> Variant:
-        best = report.best_row(bench.rows, "tspack", "light", "torchscript", "json")
-        variants = {v.label: v for v in bench.settings.light_variants()}
-        chosen = variants.get(best["config"]) if best else None
-        return replace(chosen or bench.settings.light_variants()[0], runtime=runtime)
-
-    return pick
-
-
-def naive_step(key: str, concurrencies: tuple[int, ...]) -> Step:
-    def run(bench: Bench) -> None:
-        ctx = bench.ctx[key]
-        folder = os.path.join(bench.settings.work, "servers", ctx["naive"])
-        config = f"TorchServe defaults: {os.cpu_count()}w, batch 1"
-        bench.serve(lambda: systems.start_naive(folder, ctx["store"], ctx["naive"]),
-                    label("naive-torchserve", key, "torchscript", config, 1),
-                    [(ctx["bodies"]["json"], JSON, concurrencies)])
-
-    return Step(f"naive torchserve {key}", run)
+    config = f"TorchServe defaults: {os.cpu_count()}w, batch 1"
+    return Deployment(label("naive-torchserve", key, "torchscript", config, 1), start,
+                      [(ctx["bodies"]["json"], concurrencies, ())], jvm=True)
 
 
 def peer_env(key: str, threads: int) -> dict:
@@ -259,89 +317,229 @@ def peer_env(key: str, threads: int) -> dict:
             "BENCH_TOP_K": str(model.top_k), "BENCH_LABELS": json.dumps(list(model.labels))}
 
 
-def fastapi_step(key: str, workers: int, threads: int, concurrencies: tuple[int, ...], body: str = "json") -> Step:
-    config = f"{workers} uvicorn workers x {threads}t"
-
-    def run(bench: Bench) -> None:
-        ctx = bench.ctx[key]
-        env = {**peer_env(key, threads), "BENCH_MODEL": ctx["torchscript"]}
-        log = os.path.join(bench.settings.work, "servers", f"fastapi-{key}-{workers}w.log")
-        bench.serve(lambda: systems.start_peer("fastapi", bench.ctx["python"], [str(workers)], env, log),
-                    label("fastapi", key, "torchscript", config, 1),
-                    [(ctx["bodies"][body], JSON if body == "json" else NPY, concurrencies)])
-
-    return Step(f"fastapi {key} {config}", run)
+def fastapi_config(workers: int, threads: int) -> str:
+    return f"{workers} uvicorn workers x {threads}t"
 
 
-def litserve_step(key: str, max_batch: int, timeout_s: float, threads: int, concurrencies: tuple[int, ...],
-                  body: str = "json") -> Step:
+def litserve_config(max_batch: int, timeout_s: float, threads: int) -> str:
     batching = f"batch {max_batch}/{timeout_s * 1000:g}ms" if max_batch > 1 else "no batching"
-    config = f"{batching}, 1 worker x {threads}t"
+    return f"{batching}, 1 worker x {threads}t"
+
+
+def fastapi_deployment(bench: Bench, key: str, workers: int, threads: int,
+                       loads: list[tuple[str, tuple, tuple]]) -> Deployment:
+    ctx = bench.ctx[key]
+    env = {**peer_env(key, threads), "BENCH_MODEL": ctx["torchscript"]}
+    log = os.path.join(bench.settings.work, "servers", f"fastapi-{key}-{workers}w{threads}t.log")
+    return Deployment(label("fastapi", key, "torchscript", fastapi_config(workers, threads), 1),
+                      lambda: systems.start_peer("fastapi", bench.ctx["python"], [str(workers)], env, log),
+                      [(ctx["bodies"][kind], every, first) for kind, every, first in loads])
+
+
+def litserve_deployment(bench: Bench, key: str, max_batch: int, timeout_s: float, threads: int,
+                        loads: list[tuple[str, tuple, tuple]]) -> Deployment:
+    """LitServe parses every body as JSON before decode_request sees it, so it takes the JSON bodies only."""
+    ctx = bench.ctx[key]
+    env = {**peer_env(key, threads), "BENCH_MODEL": ctx["torchscript"]}
+    log = os.path.join(bench.settings.work, "servers", f"litserve-{key}-b{max_batch}-t{threads}.log")
+    return Deployment(label("litserve", key, "torchscript", litserve_config(max_batch, timeout_s, threads), max_batch),
+                      lambda: systems.start_peer("litserve", bench.ctx["python"], [str(max_batch), str(timeout_s)],
+                                                 env, log),
+                      [(ctx["bodies"][kind], every, first) for kind, every, first in loads])
+
+
+# -- steps ------------------------------------------------------------------------------------------------------
+
+
+def prepare(key: str) -> Step:
+    """Request bodies, the TorchScript file the peers load, and the sweep's archives (one build)."""
 
     def run(bench: Bench) -> None:
-        ctx = bench.ctx[key]
-        env = {**peer_env(key, threads), "BENCH_MODEL": ctx["torchscript"]}
-        log = os.path.join(bench.settings.work, "servers", f"litserve-{key}-b{max_batch}-t{threads}.log")
-        bench.serve(lambda: systems.start_peer("litserve", bench.ctx["python"], [str(max_batch), str(timeout_s)],
-                                               env, log),
-                    label("litserve", key, "torchscript", config, max_batch),
-                    [(ctx["bodies"][body], JSON if body == "json" else NPY, concurrencies)])
+        s, model = bench.settings, MODELS[key]
+        store = os.path.join(s.work, "store")
+        ctx = bench.ctx[key] = {"bodies": artifacts.request_bodies(model, s.work), "store": store, "mars": {},
+                                "torchscript": artifacts.torchscript(model, s.work),
+                                "limit_body": "json" if key == "light" else "npy"}
+        variants = s.variants(key)
+        plain = [v for v in variants if v.batching == "delay"]
+        extra = [v for v in variants if v.batching != "delay"] + [Variant(r, 1, 2, 8, 5) for r in runtimes(s, key)[1:]]
+        artifacts.build_tspack(model, plain, s.work, store)
+        for variant in extra:  # a mode or runtime that fails to build costs its own rows only
+            try:
+                artifacts.build_tspack(model, [variant], s.work, store)
+            except Exception as exc:
+                bench.fail(label("tspack", key, variant.runtime, variant.label, variant.batch_size), exc, "to build")
+        for variant in [plain[0], *extra]:
+            mar = os.path.join(store, f"{variant.archive_name(model)}_v1.0.mar")
+            if os.path.exists(mar):
+                ctx["mars"].setdefault(variant.runtime, mar)
 
-    return Step(f"litserve {key} {config}", run)
+    return Step(f"build {key}", run)
 
 
-def peers_env_step() -> Step:
+def runtimes(s: Settings, key: str) -> tuple[str, ...]:
+    """The runtimes of the sweep and the limit: TorchScript first (the one every system runs)."""
+    if s.quick or key == "light":
+        return ("torchscript",)
+    return ("torchscript", "onnx", "onnx-int8")
+
+
+def limit_sweep(key: str) -> Step:
+    """The limit in every layout and batch, model alone and decode + model (TorchScript; the other runtimes of the
+    heavy model: model alone only, for their own ratio)."""
+
     def run(bench: Bench) -> None:
-        from benchmarks.peers import env
+        s = bench.settings
+        for runtime in runtimes(s, key):
+            kinds = limit.KINDS if runtime == "torchscript" else ("model",)
+            batches = s.limit_batches(key) if runtime == "torchscript" else (8,)
+            setups = [(layout, kind, batch) for layout in limit.layouts() for kind in kinds for batch in batches]
+            with ExitStack() as stack:
+                contenders = bench.open_limits(stack, key, runtime, setups)
+                bench.rounds.run(contenders, 1, f"{key} sweep", phase="sweep")
 
-        bench.ctx["python"] = env.ensure()
-
-    return Step("peers' venv", run)
-
-
-def light_steps(s: Settings) -> list[Step]:
-    cs, on = s.concurrencies, set(s.systems)
-    steps = [prepare("light", s.light_variants() + ([] if s.quick else unbatched_variants()))]
-    if "limit" in on:
-        runtimes = ("torchscript",) if s.quick else ("torchscript", "onnx")
-        steps += [limit_step("light", r, (8, 32), 2) for r in runtimes]
-    if "tspack" in on:
-        steps += [tspack_step("light", v, [("json", cs)], cold=i == 0) for i, v in enumerate(s.light_variants())]
-        if not s.quick:
-            steps.append(tspack_step("light", best_light_variant("onnx"), [("json", cs)]))
-            # The c=1 floor without batching: TorchServe 0.12 cannot batch without a wait of >= 1 ms (a
-            # maxBatchDelay of 0 falls back to its 100 ms default), so these rows show what that wait costs.
-            steps += [tspack_step("light", v, [("json", (1,))]) for v in unbatched_variants()]
-    if "naive" in on:
-        steps.append(naive_step("light", (32,) if s.quick else cs))
-    if "fastapi" in on:
-        steps += [fastapi_step("light", w, t, (32,) if s.quick else cs) for w, t in s.fastapi_configs()]
-    if "litserve" in on:
-        steps += [litserve_step("light", b, t, n, (32,) if s.quick else cs) for b, t, n in s.litserve_configs()]
-    return steps
+    return Step(f"limit {key}", run)
 
 
-def heavy_steps(s: Settings) -> list[Step]:
-    on = set(s.systems)
-    runtimes = ("torchscript", "onnx", "onnx-int8")
-    steps = [prepare("heavy", [Variant(r, 1, 2, 8, 5) for r in runtimes])]
-    if "limit" in on:
-        steps += [limit_step("heavy", r, (8, 32), 2) for r in runtimes]
-    if "tspack" in on:
-        # .npy bodies against the limit; the JSON row is the one compared with the naive TorchServe.
-        steps.append(tspack_step("heavy", Variant("torchscript", 1, 2, 8, 5),
-                                 [("npy", s.concurrencies), ("json", (32,))]))
-        steps.append(tspack_step("heavy", Variant("torchscript", 2, 1, 8, 5), [("npy", (1, 32))]))
-        steps += [tspack_step("heavy", Variant(r, 1, 2, 8, 5), [("npy", (1, 32))]) for r in runtimes[1:]]
-    if "naive" in on:
-        steps.append(naive_step("heavy", (32,)))
-    # Peers on the heavy model, fp32 TorchScript: FastAPI on the .npy bodies of tspack's heavy rows; LitServe
-    # parses every body as JSON before its decode_request sees it, so it gets the JSON body of the naive row.
-    if "fastapi" in on:
-        steps.append(fastapi_step("heavy", 2, 1, (1, 32), body="npy"))
-    if "litserve" in on:
-        steps.append(litserve_step("heavy", 8, 0.005, 2, (32,), body="json"))
-    return steps
+def sweep(key: str) -> Step:
+    """Each configuration of each system once, one server at a time."""
+
+    def run(bench: Bench) -> None:
+        s = bench.settings
+        for deployment in sweep_deployments(bench, key):
+            with ExitStack() as stack:
+                bench.rounds.run(bench.open_deployment(stack, deployment), 1, f"{key} sweep", phase="sweep")
+        if s.on("tspack") and key == "light":  # the best batching configuration as ONNX, and the unbatched floors
+            best = chosen_variant(bench, key)
+            extra = [tspack_deployment(bench, key, replace(best, runtime="onnx"), [("json", (32, 1), ())])]
+            # The c=1 floor without batching: TorchServe 0.12 cannot batch without a wait of >= 1 ms (a maxBatchDelay
+            # of 0 falls back to its 100 ms default), so these rows show what that wait costs.
+            extra += [tspack_deployment(bench, key, Variant(r, 1, 1, 1, 0), [("json", (1,), ())])
+                      for r in ("torchscript", "onnx")]
+            for deployment in extra:
+                with ExitStack() as stack:
+                    bench.rounds.run(bench.open_deployment(stack, deployment), 1, f"{key} sweep", phase="sweep")
+
+    return Step(f"sweep {key}", run)
+
+
+def sweep_deployments(bench: Bench, key: str) -> list[Deployment]:
+    s = bench.settings
+    body = "json" if key == "light" else "npy"
+    found = []
+    if s.on("tspack"):
+        c1 = (1,) if key == "light" else ()  # the light model's c=1 p50 of every batching configuration
+        found += [tspack_deployment(bench, key, v, [(body, (32, *c1), ())]) for v in s.variants(key)]
+        found += [tspack_deployment(bench, key, Variant(r, 1, 2, 8, 5), [("npy", (32,), ())])
+                  for r in runtimes(s, key)[1:]]
+    if s.on("fastapi"):
+        found += [fastapi_deployment(bench, key, w, t, [(body, (32,), ())]) for w, t in s.fastapi_configs()]
+    if s.on("litserve") and key == "light":
+        found += [litserve_deployment(bench, key, b, t, n, [("json", (32,), ())])
+                  for b, t, n in s.litserve_configs(key)]
+    return found
+
+
+def best_config(bench: Bench, system: str, key: str, runtime: str = "torchscript", body: str | None = None,
+                phase: str = "sweep") -> str | None:
+    """The config label of the system's most requests/s at c=32 in the sweep (None when it has no row)."""
+    body = body or ("json" if key == "light" else "npy")
+    rows = [r for r in bench.rows if r.get("phase") == phase and r["system"] == system and r["model"] == key
+            and r["runtime"] == runtime and r.get("body") == body and r.get("concurrency") == 32]
+    return max(rows, key=lambda r: r["requests_per_s"])["config"] if rows else None
+
+
+def chosen_variant(bench: Bench, key: str) -> Variant:
+    variants = {v.label: v for v in bench.settings.variants(key)}
+    return variants.get(best_config(bench, "tspack", key), bench.settings.variants(key)[0])
+
+
+def chosen_limits(bench: Bench, key: str) -> list[tuple]:
+    """(layout, kind, batch) of the best limit per kind in the sweep; all of them when there was no sweep."""
+    rows = [r for r in bench.rows if r.get("phase") == "sweep" and r["system"] == "limit" and r["model"] == key
+            and r["runtime"] == "torchscript"]
+    chosen = []
+    for kind in limit.KINDS:
+        mine = [r for r in rows if r["config"].endswith(limit.KIND_LABELS[kind])]
+        if mine:
+            best = max(mine, key=lambda r: r["requests_per_s"])
+            layout = next(x for x in limit.layouts() if f", {x.label}, " in best["config"])
+            chosen.append((layout, kind, best["batch_size"]))
+    return chosen
+
+
+def comparison(key: str) -> Step:
+    """Every system's best configuration up at once, measured in interleaved rounds."""
+
+    def run(bench: Bench) -> None:
+        s = bench.settings
+        with ExitStack() as stack:
+            contenders = []
+            if s.on("limit"):
+                contenders += bench.open_limits(stack, key, "torchscript", chosen_limits(bench, key))
+            for deployment in comparison_deployments(bench, key):
+                contenders += bench.open_deployment(stack, deployment)
+            bench.rounds.run(contenders, s.rounds, key)
+
+    return Step(f"compare {key}", run)
+
+
+def comparison_deployments(bench: Bench, key: str) -> list[Deployment]:
+    s = bench.settings
+    found = []
+    fastapi = {fastapi_config(*config): config for config in s.fastapi_configs()}
+    litserve = {litserve_config(*config): config for config in s.litserve_configs(key)}
+    if s.on("tspack"):
+        best = chosen_variant(bench, key)
+        if key == "light":
+            found.append(tspack_deployment(bench, key, best, [("json", (32, 1), ()), ("npy", (32,), ()),
+                                                              ("oip-json", (32,), ()), ("oip-binary", (32,), ())],
+                                           cold=True))
+            if not s.quick:  # issue 12: the same deployment with format aoti (compiled once, then cached)
+                found.append(tspack_deployment(bench, key, replace(best, runtime="aoti"),
+                                               [("json", (32,), (1,))]))
+        else:
+            found.append(tspack_deployment(bench, key, best, [("npy", (32,), (1,)), ("json", (32,), (1,))]))
+    bodies = [("json", (32,), (1,))] if key == "light" else [("npy", (32,), (1,)), ("json", (32,), (1,))]
+    if s.on("fastapi"):
+        w, t = fastapi.get(best_config(bench, "fastapi", key) or "", s.fastapi_configs()[0])
+        found.append(fastapi_deployment(bench, key, w, t, bodies))
+    if s.on("litserve"):
+        b, t, n = litserve.get(best_config(bench, "litserve", key) or "", s.litserve_configs(key)[0])
+        found.append(litserve_deployment(bench, key, b, t, n, [("json", (32,), (1,))]))
+    if s.on("naive"):
+        found.append(naive_deployment(bench, key, (32,)))
+    return found
+
+
+def cold_start_measure(served: systems.Served, mar: str, body: Body) -> Callable[[int | None], dict]:
+    from benchmarks.cold_start import worker_cold_start
+
+    return lambda _: worker_cold_start(served, mar, body)
+
+
+def worker_cold_start_step(key: str = "light") -> Step:
+    """Issue 12: one worker of the chosen light deployment registered (to READY) as torchscript and as aoti, in
+    alternating rounds, with the worker process's peak RSS over registering and 2 s of load."""
+
+    def run(bench: Bench) -> None:
+        s, ctx = bench.settings, bench.ctx[key]
+        best = chosen_variant(bench, key)
+        variants = [replace(best, runtime=r, workers=1) for r in ("torchscript", "aoti")]
+        artifacts.build_tspack(MODELS[key], variants, s.work, ctx["store"])
+        folder = os.path.join(s.work, "servers", "worker-cold-start")
+        served = systems.start_tspack(folder, ctx["store"], None, model_api=True)
+        try:
+            contenders = [Contender({**label("tspack", key, v.runtime, f"{v.label}, register 1 worker", v.batch_size),
+                                     "body": None},
+                                    cold_start_measure(served, f"{v.archive_name(MODELS[key])}_v1.0.mar",
+                                                       ctx["bodies"]["json"]), (None,))
+                          for v in variants]
+            bench.rounds.run(contenders, s.rounds, "cold", phase="cold")
+        finally:
+            served.stop()
+
+    return Step("worker cold start", run)
 
 
 def demo_cold_start_step() -> Step:
@@ -355,37 +553,61 @@ def demo_cold_start_step() -> Step:
     return Step("cold start: demo deployment", run)
 
 
+def peers_env_step() -> Step:
+    def run(bench: Bench) -> None:
+        from benchmarks.peers import env
+
+        bench.ctx["python"] = env.ensure()
+
+    return Step("peers' venv", run)
+
+
 def plan(s: Settings) -> list[Step]:
-    steps = [peers_env_step()] if {"fastapi", "litserve"} & set(s.systems) else []
-    if "light" in s.models:
-        steps += light_steps(s)
-    if "heavy" in s.models:
-        steps += heavy_steps(s)
-    if "tspack" in s.systems and not s.quick:
+    steps = [peers_env_step()] if s.on("fastapi") or s.on("litserve") else []
+    for key in s.models:
+        steps.append(prepare(key))
+        if s.on("limit"):
+            steps.append(limit_sweep(key))
+        if not s.quick:
+            steps.append(sweep(key))
+        steps.append(comparison(key))
+    if s.on("tspack") and not s.quick:
+        if "light" in s.models:
+            steps.append(worker_cold_start_step())
         steps.append(demo_cold_start_step())
     return steps
 
 
 def parse_args(argv: list[str] | None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="light model only, fewer configs, shorter runs (~2 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="light model only, one configuration per system, 2 shorter rounds (~2-3 min)")
     parser.add_argument("--only", help=f"comma-separated systems among {','.join(SYSTEMS)}")
     parser.add_argument("--models", help="comma-separated: light,heavy")
     parser.add_argument("--duration", type=float, help="seconds per measured load run (all models)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per comparison (default 3; --quick 2)")
+    parser.add_argument("--reruns", type=int, help=f"reruns of a row disturbed by other work (default {RERUNS})")
     parser.add_argument("--out", help="folder for latest.json and latest.png (default benchmarks/results)")
     parser.add_argument("--markdown", help="Markdown file whose serving section is rewritten (default BENCHMARKS.md)")
     parser.add_argument("--work", help="scratch folder for archives and server runs (default benchmarks/work/serving)")
     args = parser.parse_args(argv)
     s = Settings(quick=args.quick)
     if args.quick:
-        s = replace(s, models=("light",), duration_s={"light": 3.0, "heavy": 5.0}, concurrencies=(1, 32),
-                    warmup_s=3.0, command="make bench QUICK=1")
+        s = replace(s, models=("light",), duration_s={"light": 3.0, "heavy": 5.0},
+                    warmup_s={"light": 3.0, "heavy": 3.0}, jit_warmup_s={"light": 3.0, "heavy": 12.0}, rounds=2,
+                    command="make bench QUICK=1")
     if args.only:
         s = replace(s, systems=tuple(x.strip() for x in args.only.split(",") if x.strip()))
     if args.models:
         s = replace(s, models=tuple(x.strip() for x in args.models.split(",") if x.strip()))
     if args.duration:
-        s = replace(s, duration_s={k: args.duration for k in s.duration_s}, warmup_s=min(s.warmup_s, args.duration))
+        s = replace(s, duration_s={k: args.duration for k in s.duration_s},
+                    warmup_s={k: min(v, args.duration) for k, v in s.warmup_s.items()},
+                    jit_warmup_s={k: min(v, args.duration) for k, v in s.jit_warmup_s.items()})
+    if args.rounds:
+        s = replace(s, rounds=max(1, args.rounds))
+    if args.reruns is not None:
+        s = replace(s, reruns=max(0, args.reruns))
     return replace(s, out_dir=args.out or s.out_dir, markdown=args.markdown or s.markdown, work=args.work or s.work)
 
 

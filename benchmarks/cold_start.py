@@ -1,4 +1,5 @@
-"""Cold start of the demo deployment, as a user meets it: `tspack serve start` to the first 200 prediction.
+"""Cold starts: the demo deployment as a user meets it (`tspack serve start` to the first 200 prediction), and one
+worker registered into a running server (register to READY), with the worker's peak RSS.
 
 The deployment is the one `make demo` starts (digits 1.0, and digits 2.0 as image + ONNX and image + int8),
 from the archives `make demo` builds into model_store/; when they are missing, the demo's own first steps
@@ -54,11 +55,11 @@ def demo_cold_start(work: str, timeout_s: float = 180.0) -> float:
     folder = os.path.join(work, "demo-cold-start")
     os.makedirs(folder, exist_ok=True)
     config, run_dir = os.path.join(folder, "config.properties"), os.path.join(folder, "run")
-    ports = [str(p) for p in free_ports(5)]
+    ports = [str(p) for p in free_ports(6)]
     loads = [arg for name in DEMO_ARCHIVES for arg in ("--load", name)]
     _tspack("config", "--model-store", STORE, *loads, "--enable-model-api", "--inference-port", ports[0],
             "--management-port", ports[1], "--metrics-port", ports[2], "--grpc-ports", ports[3], ports[4],
-            "--out", config)
+            "--oip-port", ports[5], "--out", config)
     sample = np.load(os.path.join(DEMO_WORK, "heldout.npz"))["x"][0]
     body = json.dumps({"data": sample.tolist()}).encode()
     stop(run_dir, quiet=True)
@@ -70,3 +71,39 @@ def demo_cold_start(work: str, timeout_s: float = 180.0) -> float:
         return _first_200(f"http://127.0.0.1:{ports[0]}/predictions/digits", body, key, t0, timeout_s)
     finally:
         stop(run_dir, quiet=True)
+
+
+def _workers(pid: int) -> list:
+    import psutil
+
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True)
+                if any("model_service_worker" in part for part in p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def worker_cold_start(served, mar: str, body, load_s: float = 2.0, timeout_s: float = 30.0) -> dict:
+    """Register `mar` (in the server's store) with one worker, synchronously: seconds to READY; then `load_s` of
+    requests at c=8. `peak_rss_mb` is the worker process's peak over both; the model is unregistered after.
+
+    `served`: a tspack server started with the model API on (systems.start_tspack(..., model_api=True)).
+    """
+    from benchmarks import loadgen
+    from benchmarks.systems import CpuWatch, RssPeak
+
+    name = mar.removesuffix(".mar").rsplit("_v", 1)[0]
+    client = served.handle.client(timeout=300)
+    with RssPeak(served.pid, interval=0.1, match="model_service_worker") as rss, CpuWatch(served.pid) as cpu:
+        t0 = time.monotonic()
+        client.register(mar, model_name=name, initial_workers=1, synchronous=True)
+        seconds = time.monotonic() - t0
+        result = loadgen.run(f"{served.handle.inference_url}/predictions/{name}", body.file, body.content_type, 8,
+                             load_s, served.authorization)
+        cpu.excluded_cpu_s = result.loadgen_cpu_s
+    client.unregister(name)
+    deadline = time.monotonic() + timeout_s
+    while _workers(served.pid) and time.monotonic() < deadline:  # the next registration's peak is its own
+        time.sleep(0.1)
+    return {"cold_start_s": round(seconds, 3), "peak_rss_mb": rss.peak_mb, "errors": result.errors,
+            "server_cpu_share": cpu.tree_share, "other_cpu_share": cpu.other_share}

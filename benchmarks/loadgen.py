@@ -22,6 +22,10 @@ f:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
 local auth = os.getenv("BENCH_AUTHORIZATION")
 if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
+-- further headers, one "Name: value" a line (e.g. OIP's Inference-Header-Content-Length)
+for name, value in string.gmatch(os.getenv("BENCH_HEADERS") or "", "([^:\n]+): ([^\n]*)") do
+  wrk.headers[name] = value
+end
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -86,9 +90,10 @@ def script_path() -> str:
 
 def run(url: str, body_file: str, content_type: str, concurrency: int, duration_s: float,
         authorization: str = "", cores: int | None = None, timeout_s: int = 30, script: str | None = None,
-        env: dict | None = None) -> LoadResult:
+        env: dict | None = None, headers: dict | None = None) -> LoadResult:
     """POST `body_file` to `url` from `concurrency` connections for `duration_s` seconds.
 
+    `headers`: more request headers (name -> value) beside Content-Type and Authorization.
     `script`: another Lua script (its own `request`, the same `done` as LUA) with extra `env` variables, for a
     workload whose bodies vary (benchmarks/cache_bench.py).
 
@@ -100,7 +105,8 @@ def run(url: str, body_file: str, content_type: str, concurrency: int, duration_
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", f"--timeout={timeout_s}s",
            "-s", script or script_path(), url]
     env = dict(os.environ, BENCH_BODY=os.path.abspath(body_file), BENCH_CONTENT_TYPE=content_type,
-               BENCH_AUTHORIZATION=authorization, **(env or {}))
+               BENCH_AUTHORIZATION=authorization,
+               BENCH_HEADERS="".join(f"{name}: {value}\n" for name, value in (headers or {}).items()), **(env or {}))
     with tempfile.TemporaryFile() as out:
         started = time.monotonic()
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""The benchmark's outputs: latest.json (rows, ratios), latest.png (throughput and p99), BENCHMARKS.md section."""
+"""The benchmark's outputs: latest.json (rows, figures), latest.png (throughput and p99), BENCHMARKS.md section."""
 
 from __future__ import annotations
 
@@ -7,92 +7,54 @@ import json
 import os
 import platform
 import re
+from collections import defaultdict
+
+import numpy as np
+
+from benchmarks import ratios as figures
+from benchmarks.rounds import DISTURBED_SHARE
 
 START, END = "<!-- bench:serving:start -->", "<!-- bench:serving:end -->"
-RATIO_KEYS = ("e2e_over_limit_heavy", "e2e_over_limit_heavy_best_runtime", "e2e_over_limit_light",
-              "tspack_over_naive_light", "tspack_over_naive_heavy", "tspack_over_fastapi_light",
-              "tspack_over_litserve_light", "p99_over_fastapi_light", "c1_p50_ms_light", "c1_p50_ms_light_min",
-              "c1_p50_ms_light_unbatched", "c1_p50_ms_light_unbatched_onnx",
-              "cold_start_s", "cold_start_light_s")
-ROW_FIELDS = ("system", "model", "runtime", "config", "body", "concurrency", "batch_size", "requests_per_s", "p50_ms",
-              "p95_ms", "p99_ms", "errors", "requests", "duration_s", "peak_rss_mb", "loadgen_cpu_share",
-              "server_cpu_share", "other_cpu_share", "best")
+RATIO_KEYS = figures.RATIO_KEYS  # the keys latest.json's `ratios` always has
+ROW_FIELDS = ("phase", "comparison", "round", "system", "model", "runtime", "config", "body", "concurrency",
+              "batch_size", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "requests", "duration_s",
+              "peak_rss_mb", "loadgen_cpu_share", "server_cpu_share", "other_cpu_share",
+              "frontend_cpu_ms_per_request", "workers_cpu_ms_per_request", "cold_start_s", "attempts", "disturbed",
+              "best")
 
 
 def best_row(rows: list[dict], system: str, model: str, runtime: str = "torchscript",
-             body: str | None = "json", concurrency: int = 32) -> dict | None:
-    """The row with the most requests/s among one system's configurations at `concurrency`."""
-    found = [r for r in rows if r["system"] == system and r["model"] == model and r["runtime"] == runtime
-             and r["body"] == body and r["concurrency"] == concurrency]
-    return max(found, key=lambda r: r["requests_per_s"], default=None)
-
-
-def best_limit(rows: list[dict], model: str, runtime: str) -> dict | None:
-    found = [r for r in rows if r["system"] == "limit" and r["model"] == model and r["runtime"] == runtime]
+             body: str | None = "json", concurrency: int = 32, phase: str = "sweep") -> dict | None:
+    """The row with the most requests/s among one system's configurations at `concurrency` in `phase`."""
+    found = [r for r in rows if r.get("phase") == phase and r["system"] == system and r["model"] == model
+             and r["runtime"] == runtime and r.get("body") == body and r.get("concurrency") == concurrency
+             and r.get("requests_per_s") is not None]
     return max(found, key=lambda r: r["requests_per_s"], default=None)
 
 
 def mark_best(rows: list[dict]) -> None:
-    """`best`: the row belongs to its (system, model, runtime, body) group's best configuration at c=32."""
-    groups = {(r["system"], r["model"], r["runtime"], r["body"]) for r in rows if r["system"] != "limit"}
+    """`best`: a sweep row of its (system, model, runtime, body) group's best configuration at c=32 (limit rows: of
+    the best layout and batch per body); rows of the interleaved rounds are each system's chosen configuration."""
     winners = set()
-    for system, model, runtime, body in groups:
-        row = best_row(rows, system, model, runtime, body)
-        if row:
-            winners.add((system, model, runtime, body, row["config"]))
     for r in rows:
+        if r.get("phase") != "sweep":
+            continue
+        group = (r["system"], r["model"], r["runtime"], r.get("body"))
         if r["system"] == "limit":
-            r["best"] = r is best_limit(rows, r["model"], r["runtime"])
+            same = [x for x in rows if x.get("phase") == "sweep" and (x["system"], x["model"], x["runtime"],
+                                                                       x.get("body")) == group]
+            top = max(same, key=lambda x: x["requests_per_s"])
+            winners.add((*group, top["config"], top["batch_size"]))
         else:
-            r["best"] = (r["system"], r["model"], r["runtime"], r["body"], r["config"]) in winners
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
-
-
-def _rps(row: dict | None) -> float | None:
-    return row["requests_per_s"] if row else None
-
-
-def ratios(rows: list[dict], cold_start_s: float | None, cold_start_light_s: float | None = None) -> dict:
-    """The headline numbers: requests/s ratios at concurrency 32, same runtime, each system at its best."""
-    tspack_light = best_row(rows, "tspack", "light")
-    heavy_runtimes = [r for r in rows if r["system"] == "tspack" and r["model"] == "heavy" and r["body"] == "npy"
-                      and r["concurrency"] == 32]
-    heavy_best = max(heavy_runtimes, key=lambda r: r["requests_per_s"], default=None)
-    fastapi = best_row(rows, "fastapi", "light")
-    c1_rows = [r for r in rows if r["system"] == "tspack" and r["model"] == "light" and r["concurrency"] == 1
-               and r["p50_ms"] is not None]
-
-    def unbatched_c1(runtime: str) -> float | None:
-        return min((r["p50_ms"] for r in c1_rows if r["batch_size"] == 1 and r["runtime"] == runtime), default=None)
-
-    c1 = [r for r in rows if tspack_light and r["system"] == "tspack" and r["model"] == "light"
-          and r["runtime"] == "torchscript" and r["config"] == tspack_light["config"] and r["concurrency"] == 1]
-    return {
-        "e2e_over_limit_heavy": _ratio(_rps(best_row(rows, "tspack", "heavy", body="npy")),
-                                       _rps(best_limit(rows, "heavy", "torchscript"))),
-        "e2e_over_limit_heavy_best_runtime": _ratio(
-            _rps(heavy_best), _rps(best_limit(rows, "heavy", heavy_best["runtime"])) if heavy_best else None),
-        "heavy_best_runtime": heavy_best["runtime"] if heavy_best else None,
-        "e2e_over_limit_light": _ratio(_rps(tspack_light), _rps(best_limit(rows, "light", "torchscript"))),
-        "tspack_over_naive_light": _ratio(_rps(tspack_light), _rps(best_row(rows, "naive-torchserve", "light"))),
-        "tspack_over_naive_heavy": _ratio(_rps(best_row(rows, "tspack", "heavy")),
-                                          _rps(best_row(rows, "naive-torchserve", "heavy"))),
-        "tspack_over_fastapi_light": _ratio(_rps(tspack_light), _rps(fastapi)),
-        "tspack_over_litserve_light": _ratio(_rps(tspack_light), _rps(best_row(rows, "litserve", "light"))),
-        "p99_over_fastapi_light": _ratio(tspack_light["p99_ms"] if tspack_light else None,
-                                         fastapi["p99_ms"] if fastapi else None),
-        "c1_p50_ms_light": c1[0]["p50_ms"] if c1 else None,
-        # the lowest c=1 p50 of any batching tspack configuration (the best one at c=32 may not be the best at c=1)
-        "c1_p50_ms_light_min": min((r["p50_ms"] for r in c1_rows if r["batch_size"] > 1), default=None),
-        # the same path without batching (batch 1, no wait): TorchServe's own floor at c=1
-        "c1_p50_ms_light_unbatched": unbatched_c1("torchscript"),
-        "c1_p50_ms_light_unbatched_onnx": unbatched_c1("onnx"),
-        "cold_start_s": cold_start_s,
-        "cold_start_light_s": cold_start_light_s,
-    }
+            top = best_row(rows, r["system"], r["model"], r["runtime"], r.get("body"))
+            if top:
+                winners.add((*group, top["config"], None))
+    for r in rows:
+        if r.get("phase") != "sweep":
+            r["best"] = r.get("phase") == "rounds"
+            continue
+        batch = r["batch_size"] if r["system"] == "limit" else None
+        r["best"] = (r["system"], r["model"], r["runtime"], r.get("body"), r["config"], batch) in winners
 
 
 def machine() -> dict:
@@ -115,7 +77,8 @@ def document(results: dict, settings) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": settings.command, "quick": settings.quick, "machine": machine(),
         "elapsed_s": results["elapsed_s"], "background_cpu_share_at_start": results["background_at_start"],
-        "ratios": ratios(rows, results["cold_start_s"], results.get("cold_start_light_s")),
+        "rounds": results.get("rounds"), "reruns": results.get("reruns"), "disturbed_share": DISTURBED_SHARE,
+        "ratios": figures.compute(rows, results["cold_start_s"], results.get("cold_start_light_s")),
         "cold_start_of": results.get("cold_start_of"),
         "rows": [{k: r.get(k) for k in ROW_FIELDS} for r in rows], "failures": results["failures"],
         "notes": NOTES,
@@ -123,25 +86,42 @@ def document(results: dict, settings) -> dict:
 
 
 NOTES = [
+    "Figures (`ratios`): each is the median of its per-round values over the interleaved rounds of its comparison "
+    "(every system's best configuration up at once, measured in turns whose order reverses every round), with min, "
+    "max and the number of rounds. A row measured while other work used over 10% of the CPU is rerun (up to "
+    "`reruns` times); a row still disturbed is marked, and every figure built on it is null with the reason. "
+    "Figures of phase `sweep` come from the one configuration sweep (1 round).",
     "requests/s counts 2xx answers; errors = non-2xx answers + socket errors (connect, read, write, timeout).",
-    "Load: wrk, 1 thread, keep-alive connections = concurrency, on 127.0.0.1, one system at a time.",
-    "limit rows: the archive's own runtime called in-process on full batches (no HTTP, no decoding); requests/s "
-    "is samples/s and the latencies are per batch.",
+    "Load: wrk, 1 thread, keep-alive connections = concurrency, on 127.0.0.1.",
+    "limit rows: the archive's own code in-process, no HTTP: `model alone` (runtime.run on a ready batch) and "
+    "`decode + model` (the handler's Pipeline.process on the same request bytes: decode, validate, stack, run, "
+    "encode), as 1 process x 2 threads or 2 processes x 1 thread side by side; requests/s is samples/s and the "
+    "latencies are per batch.",
     "tspack: token authorization on (Bearer inference key), model API off; each configuration is its own archive "
-    "(workers, intra_op_threads, batch size, delay in model-config.yaml).",
+    "(workers, intra_op_threads, batching in model-config.yaml). `zero-wait`: the handler batches whatever is "
+    "queued the moment the model is free (handlers/zero_wait.py).",
     "naive TorchServe: benchmarks/naive_handler.py (BaseHandler, torch.tensor per request, output.tolist()), "
     "TorchServe defaults (workers = cores, batch 1, decode_input_request on, no thread tuning), token auth on.",
     "Peers (benchmarks/.venv): FastAPI async /predict and LitServe (fast_queue) load the same TorchScript file "
-    "and answer softmax top-k like tspack; torch threads = 2 // workers.",
-    "Bodies: the same bytes for every system: light = JSON {\"data\": ...} (~16 KB); heavy = .npy (602 KB) for "
-    "tspack vs the limit, JSON (~3 MB) for tspack vs the naive TorchServe.",
+    "and answer softmax top-k like tspack; torch threads per worker as the config says. LitServe parses every "
+    "body as JSON before its decode_request sees it, so it takes JSON bodies only.",
+    "Bodies: the same bytes for every system that takes the form: JSON {\"data\": ...} (light ~16 KB, heavy ~3 MB), "
+    ".npy (light 3 KB, heavy 602 KB), and for tspack the Open Inference Protocol v2 requests tritonclient's HTTP "
+    "client makes: `oip-json` (JSON in, JSON out) and `oip-binary` (its default: tensor bytes after a JSON header, "
+    "Inference-Header-Content-Length, binary outputs), POST /v2/models/{name}/infer.",
     "Weights are random (seeded); heavy int8 (ORT static) is validated with quantize.min_top1_agreement relaxed "
     "to 0.75 (8 random samples), since random weights give near-tied logits.",
     "CPU columns: shares of all cores over the measured run, used by wrk, by the served system's process tree, and "
-    "by anything else (other work beside the benchmark: rows above ~10% are not trustworthy).",
-    "Each server gets a 6 s warm-up at concurrency 32 per body format (3 s under --quick); before each measured "
-    "run the harness waits until the requests left queued by the previous run are answered.",
-    "Noise between runs on this 2-core machine is 10-15%.",
+    "by anything else; `frontend`/`workers` ms/req: CPU time per answered request of TorchServe's Java frontend "
+    "and of the Python processes (workers; for peers, all their processes).",
+    "Each server gets a warm-up at concurrency 32 for its first body, 6 s, and half that for each further body "
+    "(halved again under --quick); TorchServe systems on the heavy model get 24 s, since at ~40 req/s their JVM "
+    "keeps compiling its hot paths for ~20 s (the peers are Python: no JIT). Before each measured run the harness "
+    "waits until the requests left queued by the previous run are answered.",
+    "Servers of a comparison stay up together; FastAPI and LitServe are paused (SIGSTOP) while another system is "
+    "measured, since LitServe's idle worker polls its queue (~9% of this machine); TorchServe idles at ~0.1%.",
+    "worker cold start: one worker registered through the management API (synchronous) into a running server, to "
+    "READY; its peak RSS over registering and 2 s of requests at c=8.",
 ]
 
 
@@ -154,12 +134,36 @@ def write_json(doc: dict, out_dir: str) -> str:
     return path
 
 
-def chart_rows(doc: dict, model: str) -> list[dict]:
-    """One bar per system: the best configuration at c=32 per runtime/body, plus the limit."""
-    rows = [r for r in doc["rows"] if r["model"] == model and r["best"]
-            and (r["system"] == "limit" or r["concurrency"] == 32)]
+def _bar_label(r: dict) -> str:
+    body = f" · {r['body']}" if r.get("body") else ""
+    return f"{r['system']} · {r['runtime']}{body}\n{r['config']}" + (
+        f", batch {r['batch_size']}" if r["system"] == "limit" else "")
+
+
+def chart_bars(doc: dict, model: str) -> list[dict]:
+    """One bar per contender of the model's comparison at c=32 (median and spread over rounds), then the sweep's best
+    of each (system, runtime, body) the comparison did not run (one round)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in doc["rows"]:
+        if r["model"] != model or r.get("requests_per_s") is None or r.get("phase") not in ("rounds", "sweep"):
+            continue
+        if r["system"] != "limit" and r.get("concurrency") != 32:
+            continue
+        if r.get("phase") == "sweep" and not r.get("best"):
+            continue
+        groups[(r["phase"], r["system"], r["runtime"], r.get("body"), r["config"], r["batch_size"])].append(r)
+    compared = {key[1:4] for key in groups if key[0] == "rounds"}
+    bars = []
+    for key, rows in groups.items():
+        if key[0] == "sweep" and key[1:4] in compared:
+            continue
+        rps = [r["requests_per_s"] for r in rows]
+        p99 = [r["p99_ms"] for r in rows if r.get("p99_ms") is not None]
+        bars.append({**rows[0], "rps": float(np.median(rps)), "rps_min": min(rps), "rps_max": max(rps),
+                     "p99": float(np.median(p99)) if p99 else None, "n": len(rows),
+                     "any_disturbed": any(r.get("disturbed") for r in rows)})
     order = {"limit": 0, "tspack": 1, "fastapi": 2, "litserve": 3, "naive-torchserve": 4}
-    return sorted(rows, key=lambda r: (order.get(r["system"], 9), -r["requests_per_s"]))
+    return sorted(bars, key=lambda b: (order.get(b["system"], 9), b["phase"] != "rounds", -b["rps"]))
 
 
 def write_png(doc: dict, out_dir: str) -> str:
@@ -168,33 +172,38 @@ def write_png(doc: dict, out_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in ("light", "heavy") if chart_rows(doc, m)]
-    heights = [max(2.5, 0.55 * len(chart_rows(doc, m)) + 1.2) for m in models]
-    fig, axes = plt.subplots(len(models), 2, figsize=(15, sum(heights)), squeeze=False,
+    models = [m for m in ("light", "heavy") if chart_bars(doc, m)]
+    heights = [max(2.5, 0.5 * len(chart_bars(doc, m)) + 1.2) for m in models] or [2.5]
+    fig, axes = plt.subplots(max(1, len(models)), 2, figsize=(16, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     colors = {"limit": "#999999", "tspack": "#1f77b4", "fastapi": "#2ca02c", "litserve": "#9467bd",
               "naive-torchserve": "#d62728"}
     for axes_row, model in zip(axes, models):
-        rows = chart_rows(doc, model)
-        labels = [f"{r['system']} · {r['runtime']}" + (f" · {r['body']}" if r["body"] else "") + f"\n{r['config']}"
-                  + (f", batch {r['batch_size']}" if r["system"] == "limit" else "")
-                  + (f" [busy machine: {r['other_cpu_share']:.0%}]" if (r.get("other_cpu_share") or 0) > 0.1 else "")
-                  for r in rows]
-        y = list(range(len(rows)))[::-1]
-        for ax, key, title in ((axes_row[0], "requests_per_s", "requests/s at concurrency 32 (limit: samples/s)"),
-                               (axes_row[1], "p99_ms", "p99 latency at concurrency 32, ms (limit: per batch)")):
-            values = [r[key] or 0.0 for r in rows]
-            ax.barh(y, values, color=[colors.get(r["system"], "#777777") for r in rows])
-            ax.set_yticks(y, labels if ax is axes_row[0] else [""] * len(rows), fontsize=8)
-            ax.set_title(f"{model} model: {title}", fontsize=10)
-            for yi, v, r in zip(y, values, rows):
-                shown = " no answer" if r[key] is None else f" {v:,.0f}" if v >= 10 else f" {v:.1f}"
-                ax.text(v, yi, shown, va="center", fontsize=8)
-            ax.set_xlim(0, max(values) * 1.18 if values else 1)
+        bars = chart_bars(doc, model)
+        labels = [_bar_label(b) + (f" [{b['n']} rounds]" if b["phase"] == "rounds" else " [sweep]")
+                  + (" [disturbed]" if b["any_disturbed"] else "") for b in bars]
+        y = list(range(len(bars)))[::-1]
+        for ax, key, title in ((axes_row[0], "rps", "requests/s at c=32, median of rounds, min-max (limit: samples/s)"),
+                               (axes_row[1], "p99", "p99 latency at c=32, ms, median (limit: per batch)")):
+            values = [b[key] or 0.0 for b in bars]
+            spread = None
+            if key == "rps":
+                spread = [[b["rps"] - b["rps_min"] for b in bars], [b["rps_max"] - b["rps"] for b in bars]]
+            ax.barh(y, values, xerr=spread, color=[colors.get(b["system"], "#777777") for b in bars],
+                    hatch=None, capsize=3, ecolor="#333333")
+            ax.set_yticks(y, labels if ax is axes_row[0] else [""] * len(bars), fontsize=7)
+            ax.set_title(f"{model} model: {title}", fontsize=9)
+            for yi, v, b in zip(y, values, bars):
+                shown = " no answer" if b[key] is None else f" {v:,.0f}" if v >= 10 else f" {v:.1f}"
+                ax.text(max(v, b["rps_max"]) if key == "rps" else v, yi, shown, va="center", fontsize=7)
+            top = max([b["rps_max"] for b in bars] + values) if key == "rps" else max(values, default=0)
+            ax.set_xlim(0, top * 1.22 if top > 0 else 1)
             ax.grid(axis="x", alpha=0.3)
     m = doc["machine"]
-    fig.suptitle(f"{doc['command']} · {m['cpu']} · {m['cores']} cores · {doc['date'][:10]}", fontsize=11)
+    fig.suptitle(f"{doc['command']} · {m['cpu']} · {m['cores']} cores · {doc['date'][:10]} · "
+                 f"{doc.get('rounds')} interleaved rounds", fontsize=10)
     fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "latest.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -204,42 +213,64 @@ def write_png(doc: dict, out_dir: str) -> str:
 def _cell(value) -> str:
     if value is None:
         return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
     return str(value)
 
 
-def contended(doc: dict) -> int:
-    return sum(1 for r in doc["rows"] if (r.get("other_cpu_share") or 0) > 0.1)
+def disturbed_rows(doc: dict) -> int:
+    return sum(1 for r in doc["rows"] if r.get("disturbed"))
 
 
 def _pct(share: float | None) -> str:
     return "–" if share is None else f"{share * 100:.1f}%"
 
 
+def _figure_line(key: str, f: dict) -> str:
+    spread = f"{_cell(f.get('min'))}–{_cell(f.get('max'))}" if f.get("min") is not None else "–"
+    value = "**null**" if f.get("value") is None and f.get("null_reason") else _cell(f.get("value"))
+    note = f"null: {f['null_reason']}" if f.get("null_reason") else f.get("about", "")
+    return f"| {key} | {value} | {spread} | {f.get('rounds', 0)} | {f.get('goal') or ''} | {note} |"
+
+
 def markdown(doc: dict) -> str:
     m = doc["machine"]
+    busy = disturbed_rows(doc)
     lines = [START, "## Serving benchmark", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}. "
-             f"Date: {doc['date']}. Command: `{doc['command']}` ({doc['elapsed_s']:.0f} s). "
-             f"CPU busy with other work before the run: {_pct(doc['background_cpu_share_at_start'])}; "
-             f"rows measured while other work used over 10% of the CPU: {contended(doc)} of {len(doc['rows'])}"
-             + (" (**not trustworthy**: rerun on a quiet machine)" if contended(doc) else "") + ".", "",
-             "| ratio | value |", "|---|---|"]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in doc["ratios"].items()]
+             f"Date: {doc['date']}. Command: `{doc['command']}` ({doc['elapsed_s']:.0f} s), {doc.get('rounds')} "
+             f"interleaved rounds per comparison, up to {doc.get('reruns')} reruns of a disturbed row. "
+             f"CPU busy with other work before the run: {_pct(doc['background_cpu_share_at_start'])}; rows still "
+             f"disturbed (other work over {doc.get('disturbed_share', DISTURBED_SHARE):.0%} of the CPU) after "
+             f"their reruns: {busy} of {len(doc['rows'])}"
+             + (" (figures built on them are null: rerun on a quiet machine)" if busy else "") + ".", "",
+             "| figure | median | min–max | rounds | goal | about |", "|---|---|---|---|---|---|"]
+    lines += [_figure_line(k, v) for k, v in doc["ratios"].items()]
     if doc.get("cold_start_of"):
         lines += ["", f"cold_start_s: {doc['cold_start_of']}; cold_start_light_s: one light archive."]
-    lines += ["", "★ = the system's best configuration (requests/s at concurrency 32) for that runtime and body.", "",
-              "| system | model | runtime | config | body | c | batch | req/s | p50 ms | p95 ms | p99 ms | errors "
-              "| peak RSS MB | wrk CPU | server CPU | other CPU |", "|" + "---|" * 16]
+    lines += ["", "Phase: `sweep` = each configuration once (★ = the best of its system, runtime and body at c=32), "
+              "`rounds` = the comparison's interleaved rounds (each system's best configuration), `cold` = worker "
+              "cold starts. ⚠ = still disturbed by other work after its reruns.", "",
+              "| phase | system | model | runtime | config | body | c | batch | req/s | p50 ms | p95 ms | p99 ms "
+              "| errors | peak RSS MB | frontend CPU ms/req | workers CPU ms/req | other CPU | tries |",
+              "|" + "---|" * 18]
     for r in doc["rows"]:
-        lines.append(f"| {r['system']}{' ★' if r['best'] else ''} | {r['model']} | {r['runtime']} | {r['config']} | "
-                     f"{r['body'] or '–'} | {r['concurrency'] or '–'} | {r['batch_size']} | "
-                     f"{_cell(r['requests_per_s'])} | {_cell(r['p50_ms'])} | {_cell(r['p95_ms'])} | "
-                     f"{_cell(r['p99_ms'])} | {r['errors']} | {_cell(r['peak_rss_mb'])} | "
-                     f"{_pct(r['loadgen_cpu_share'])} | {_pct(r['server_cpu_share'])} | {_pct(r['other_cpu_share'])} |")
+        phase = f"{r.get('phase') or ''} {r.get('round') or ''}".strip()
+        star = " ★" if r.get("best") and r.get("phase") == "sweep" else ""
+        warn = " ⚠" if r.get("disturbed") else ""
+        value = _cell(r.get("requests_per_s")) if r.get("requests_per_s") is not None else (
+            f"cold start {_cell(r.get('cold_start_s'))} s")
+        lines.append(f"| {phase}{warn} | {r['system']}{star} | {r['model']} | {r['runtime']} | {r['config']} | "
+                     f"{r.get('body') or '–'} | {r.get('concurrency') or '–'} | {r['batch_size']} | {value} | "
+                     f"{_cell(r.get('p50_ms'))} | {_cell(r.get('p95_ms'))} | {_cell(r.get('p99_ms'))} | "
+                     f"{_cell(r.get('errors'))} | {_cell(r.get('peak_rss_mb'))} | "
+                     f"{_cell(r.get('frontend_cpu_ms_per_request'))} | {_cell(r.get('workers_cpu_ms_per_request'))} | "
+                     f"{_pct(r.get('other_cpu_share'))} | {r.get('attempts') or 1} |")
     if doc["failures"]:
-        lines += ["", "Failures:", ""] + [f"- {f['system']} {f['config']}: {f['error'][:300]}" for f in doc["failures"]]
+        lines += ["", "Failures:", ""] + [f"- {f.get('system')} {f.get('config', '')}: {f['error'][:300]}"
+                                          for f in doc["failures"]]
     lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]] + ["", END]
     return "\n".join(lines) + "\n"
 
@@ -268,11 +299,17 @@ def write_all(results: dict, settings) -> dict:
 
 
 def summary(results: dict, paths: dict) -> str:
-    ratios_text = "\n".join(f"  {k:<36} {_cell(v)}" for k, v in paths["doc"]["ratios"].items())
-    failed = f"\n{len(results['failures'])} system(s) failed: see failures in {paths['json']}" \
-        if results["failures"] else ""
-    busy = contended(paths["doc"])
+    lines = []
+    for key, f in paths["doc"]["ratios"].items():
+        if f.get("value") is None and f.get("null_reason") == "not measured in this run":
+            continue
+        spread = f" ({_cell(f.get('min'))}–{_cell(f.get('max'))}, {f.get('rounds')} rounds)" if f.get("min") else ""
+        shown = _cell(f.get("value")) if f.get("value") is not None else f"null: {f.get('null_reason')}"
+        lines.append(f"  {key:<36} {shown}{spread}")
+    failed = f"\n{len(results['failures'])} failure(s): see failures in {paths['json']}" if results["failures"] else ""
+    busy = disturbed_rows(paths["doc"])
     if busy:
-        failed += f"\nwarning: {busy} rows ran while other work used over 10% of the CPU; rerun on a quiet machine"
-    return (f"bench done in {results['elapsed_s']:.0f} s: {len(results['rows'])} rows\n{ratios_text}\n"
-            f"wrote {paths['json']}, {paths['png']}, {paths['markdown']}{failed}")
+        failed += (f"\nwarning: {busy} rows stayed disturbed by other work after their reruns; the figures built on "
+                   "them are null: rerun on a quiet machine")
+    return (f"bench done in {results['elapsed_s']:.0f} s: {len(results['rows'])} rows\n" + "\n".join(lines)
+            + f"\nwrote {paths['json']}, {paths['png']}, {paths['markdown']}{failed}")

@@ -28,22 +28,57 @@ PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
 
 @dataclass
 class Served:
+    """A running system: `url` takes its own protocol's POSTs; `urls` more entry points by name ("oip")."""
+
     system: str
     url: str
     pid: int
     stop: Callable[[], None]
     authorization: str = ""
     extra: dict = field(default_factory=dict)
+    urls: dict = field(default_factory=dict)
+    handle: ServerHandle | None = None  # TorchServe systems: the management API, logs
+    # Whether `pause` stops the process group. LitServe's idle worker polls its queue (~9% of a 2-core machine),
+    # which would disturb the system measured beside it; TorchServe idles at ~0.1%, and its JVM's fixed-rate
+    # timers would all fire at once after a pause, so it is never paused.
+    pausable: bool = False
+
+    def url_for(self, protocol: str = "") -> str:
+        return self.urls.get(protocol, self.url) if protocol else self.url
+
+    def pause(self) -> None:
+        """SIGSTOP the process group while another system is measured (pausable systems only)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        if self.pausable:
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 class RssPeak:
-    """Samples the summed RSS of a process tree every `interval` seconds while in a `with` block."""
+    """Samples the summed RSS of a process tree every `interval` seconds while in a `with` block.
 
-    def __init__(self, pid: int, interval: float = 0.25):
-        self.pid, self.interval = pid, interval
+    `match`: count only the processes whose command line contains it (e.g. TorchServe's workers,
+    "model_service_worker"), so a worker's memory is told apart from the frontend's.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25, match: str | None = None):
+        self.pid, self.interval, self.match = pid, interval, match
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _counted(self, process: psutil.Process) -> bool:
+        try:
+            return self.match is None or any(self.match in part for part in process.cmdline())
+        except psutil.Error:
+            return False
 
     def sample(self) -> int:
         try:
@@ -54,7 +89,7 @@ class RssPeak:
         total = 0
         for process in tree:
             try:
-                total += process.memory_info().rss
+                total += process.memory_info().rss if self._counted(process) else 0
             except psutil.Error:
                 pass
         self.peak_bytes = max(self.peak_bytes, total)
@@ -79,8 +114,16 @@ class RssPeak:
         return round(self.peak_bytes / 2**20, 1)
 
 
-def _tree_cpu(pid: int, seen: dict[int, float]) -> None:
-    """Record, per process of the tree under `pid`, its CPU seconds so far (user + system)."""
+def role_of(process: psutil.Process) -> str:
+    """"frontend" for TorchServe's Java frontend, "workers" for every other process (Python workers, peers)."""
+    try:
+        return "frontend" if "org.pytorch.serve.ModelServer" in process.cmdline() else "workers"
+    except psutil.Error:
+        return "workers"
+
+
+def _tree_cpu(pid: int, seen: dict[int, float], roles: dict[int, str] | None = None) -> None:
+    """Record, per process of the tree under `pid`, its CPU seconds so far (user + system), and its role."""
     try:
         root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
@@ -89,9 +132,12 @@ def _tree_cpu(pid: int, seen: dict[int, float]) -> None:
     for process in tree:
         try:
             times = process.cpu_times()
-            seen[process.pid] = times.user + times.system
         except psutil.Error:
-            pass
+            continue
+        # children_*: what its reaped children used (short-lived helpers, e.g. TorchServe's metric collector)
+        seen[process.pid] = times.user + times.system + times.children_user + times.children_system
+        if roles is not None and process.pid not in roles:
+            roles[process.pid] = role_of(process)
 
 
 def _busy_seconds() -> float:
@@ -104,27 +150,45 @@ class CpuWatch:
 
     `other_share` is what neither the tree, this process, nor `excluded_cpu_s` (wrk's rusage) used: a
     test suite or a build running beside the benchmark shows up there, and the report flags such rows.
+    `cpu_s_by_role`: the tree's CPU seconds split into TorchServe's Java frontend and the rest (`role_of`),
+    which is where a served system spends its CPU per request. `match`: count as the tree only its processes whose
+    command line contains it (the in-process limit's children, not the servers this process also started).
     """
 
-    def __init__(self, pid: int):
-        self.pid, self.cores = pid, psutil.cpu_count() or 1
+    def __init__(self, pid: int, match: str | None = None):
+        self.pid, self.cores, self.match = pid, psutil.cpu_count() or 1, match
         self.excluded_cpu_s = 0.0
         self.tree_share = self.other_share = 0.0
+        self.cpu_s_by_role: dict[str, float] = {}
 
     def __enter__(self) -> CpuWatch:
         self._before: dict[int, float] = {}
-        _tree_cpu(self.pid, self._before)
+        self._roles: dict[int, str] = {}
+        _tree_cpu(self.pid, self._before, self._roles)
         self._self_before = sum(psutil.Process().cpu_times()[:2])
         self._busy_before, self._t0 = _busy_seconds(), time.monotonic()
         return self
+
+    def _counted(self, pid: int) -> bool:
+        if self.match is None:
+            return True
+        try:
+            return any(self.match in part for part in psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return False
 
     def __exit__(self, *exc) -> None:
         wall = max(1e-6, time.monotonic() - self._t0)
         busy = _busy_seconds() - self._busy_before
         after: dict[int, float] = {}
-        _tree_cpu(self.pid, after)
-        tree = sum(cpu - self._before.get(pid, 0.0) for pid, cpu in after.items())
-        own = 0.0 if self.pid == os.getpid() else sum(psutil.Process().cpu_times()[:2]) - self._self_before
+        _tree_cpu(self.pid, after, self._roles)
+        used = {pid: cpu - self._before.get(pid, 0.0) for pid, cpu in after.items() if self._counted(pid)}
+        tree = sum(used.values())
+        self.cpu_s_by_role = {}
+        for pid, cpu in used.items():
+            role = self._roles.get(pid, "workers")
+            self.cpu_s_by_role[role] = round(self.cpu_s_by_role.get(role, 0.0) + cpu, 3)
+        own = 0.0 if os.getpid() in used else sum(psutil.Process().cpu_times()[:2]) - self._self_before
         capacity = wall * self.cores
         self.tree_share = round(tree / capacity, 4)
         self.other_share = round(max(0.0, busy - tree - own - self.excluded_cpu_s) / capacity, 4)
@@ -144,20 +208,28 @@ def bearer(handle: ServerHandle) -> str:
         return "Bearer " + json.load(f)["inference"]["key"]
 
 
-def _torchserve(system: str, config_path: str, run_dir: str, model: str, tuned: bool = True) -> Served:
-    handle = start(config_path, run_dir, timeout_s=240, tuned=tuned)
+def _torchserve(system: str, config_path: str, run_dir: str, model: str, tuned: bool = True,
+                env: dict | None = None) -> Served:
+    handle = start(config_path, run_dir, timeout_s=240, tuned=tuned, env=env)
+    urls = {"oip": f"{handle.inference_url}/v2/models/{model}/infer"}
     return Served(system, f"{handle.inference_url}/predictions/{model}", handle.pid,
-                  lambda: stop(run_dir, quiet=True), bearer(handle))
+                  lambda: stop(run_dir, quiet=True), bearer(handle), urls=urls, handle=handle)
 
 
-def start_tspack(folder: str, store: str, entry: ModelEntry) -> Served:
-    """tspack: our config (token auth on, model API off), one model version with its archive's settings."""
+def start_tspack(folder: str, store: str, entry: ModelEntry | None, model_api: bool = False,
+                 env: dict | None = None) -> Served:
+    """tspack: our config (token auth on, model API off), one model version with its archive's settings.
+
+    `entry` None with `model_api`: a server with no model, for timing a registration (worker cold start).
+    `env`: extra environment for the server and its workers.
+    """
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     config = ServerConfig(model_store=store, inference_port=inference, management_port=management,
                           metrics_port=metrics, grpc_inference_port=grpc_inference,
-                          grpc_management_port=grpc_management, models=(entry,))
+                          grpc_management_port=grpc_management, models=(entry,) if entry else (),
+                          model_api=model_api)
     path = write_config(config, os.path.join(folder, "config.properties"))
-    return _torchserve("tspack", path, os.path.join(folder, "run"), entry.name)
+    return _torchserve("tspack", path, os.path.join(folder, "run"), entry.name if entry else "", env=env)
 
 
 NAIVE_PROPERTIES = """# The naive baseline: TorchServe's defaults, plus the ports this benchmark picked.
@@ -181,11 +253,17 @@ def start_naive(folder: str, store: str, model: str) -> Served:
     return _torchserve("naive-torchserve", path, os.path.join(folder, "run"), model, tuned=False)
 
 
+PEER_SCRIPTS = {"fastapi": "fastapi_server.py", "litserve": "litserve_server.py"}
+
+
 def start_peer(system: str, python: str, args: list[str], env: dict, log_path: str,
-               timeout_s: float = 180.0) -> Served:
-    """Run a peer script in its own process group; ready once GET /health answers 200."""
+               timeout_s: float = 180.0, script: str | None = None) -> Served:
+    """Run a peer script in its own process group; ready once GET /health answers 200.
+
+    `script`: the server file (default: benchmarks/peers/ + PEER_SCRIPTS[system]), run as `python SCRIPT PORT ARGS`.
+    """
     port = free_ports(1)[0]
-    script = os.path.join(PEERS, {"fastapi": "fastapi_server.py", "litserve": "litserve_server.py"}[system])
+    script = script or os.path.join(PEERS, PEER_SCRIPTS[system])
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen([python, script, str(port), *args], env={**os.environ, **env}, stdout=log,
@@ -213,15 +291,17 @@ def start_peer(system: str, python: str, args: list[str], env: dict, log_path: s
             stop_peer()
             raise RuntimeError(f"{system} exited with {process.returncode}; see {log_path}")
         if http_status(base + "/health", None, "", "") == 200:
-            return Served(system, base + "/predict", process.pid, stop_peer)
+            return Served(system, base + "/predict", process.pid, stop_peer, pausable=True)
         time.sleep(0.25)
     stop_peer()
     raise RuntimeError(f"{system} was not ready within {timeout_s:.0f}s; see {log_path}")
 
 
-def http_status(url: str, body: bytes | None, content_type: str, authorization: str, timeout: float = 30) -> int:
+def http_status(url: str, body: bytes | None, content_type: str, authorization: str, timeout: float = 30,
+                extra_headers: dict | None = None) -> int:
     """The HTTP status of one GET (body None) or POST; 0 when nothing answered."""
     headers = {"Content-Type": content_type} if body is not None else {}
+    headers.update(extra_headers or {})
     if authorization:
         headers["Authorization"] = authorization
     request = urllib.request.Request(url, data=body, headers=headers, method="GET" if body is None else "POST")

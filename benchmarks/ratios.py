@@ -1,0 +1,196 @@
+"""The headline figures of `make bench`, each the median over interleaved rounds, from undisturbed rows only.
+
+Every figure is declared once in RATIOS: which row of a round is the numerator, which the denominator (None for a
+plain value such as a p50), and its goal. For each round of its comparison the figure takes the two rows of that
+round; the figure is the median of the per-round values, with min, max and the number of rounds. A round whose
+row was measured while other work used over 10% of the CPU (and stayed so after its reruns) makes the figure
+null, with the reason naming the row.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Which row of a round: the one matching these fields (the best by `metric` when several do)."""
+
+    system: str
+    model: str
+    runtime: str = "torchscript"
+    body: Optional[str] = "json"
+    concurrency: Optional[int] = 32
+    metric: str = "requests_per_s"
+    choose: str = "max"  # among several matching rows: "max" or "min" of the metric
+    where: Optional[Callable[[dict], bool]] = None
+
+    def matches(self, row: dict) -> bool:
+        return (row["system"] == self.system and row["model"] == self.model and row["runtime"] == self.runtime
+                and row.get("body") == self.body and row.get("concurrency") == self.concurrency
+                and (self.where is None or self.where(row)))
+
+    def choose_from(self, rows: list[dict]) -> Optional[dict]:
+        found = [r for r in rows if self.matches(r) and r.get(self.metric) is not None]
+        if not found:
+            return None
+        pick = max if self.choose == "max" else min
+        return pick(found, key=lambda r: r[self.metric])
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    top: Pick
+    bottom: Optional[Pick] = None  # None: the figure is the top row's metric itself
+    phase: str = "rounds"  # "rounds": per round of the comparison; "sweep": the configuration sweep (one round)
+    goal: str = ""
+    about: str = ""
+
+
+def _light(system: str, **kw) -> Pick:
+    return Pick(system, "light", **kw)
+
+
+def _heavy(system: str, **kw) -> Pick:
+    return Pick(system, "heavy", **kw)
+
+
+def _batching(row: dict) -> bool:
+    return row["batch_size"] > 1
+
+
+def _unbatched(row: dict) -> bool:
+    return row["batch_size"] == 1
+
+
+LIMIT_MODEL = {"body": None, "concurrency": None}  # the limit of the model alone
+RATIOS: tuple[Figure, ...] = (
+    # light model (MNIST CNN), JSON bodies, c=32 unless named
+    Figure("tspack_over_fastapi_light", _light("tspack"), _light("fastapi"), goal=">= 1.5",
+           about="req/s, best configurations"),
+    Figure("tspack_over_litserve_light", _light("tspack"), _light("litserve"), goal=">= 1.5"),
+    Figure("tspack_over_naive_light", _light("tspack"), _light("naive-torchserve"), goal=">= 15"),
+    Figure("p99_over_fastapi_light", _light("tspack", metric="p99_ms"), _light("fastapi", metric="p99_ms"),
+           goal="<= 1.0"),
+    Figure("e2e_over_limit_light", _light("tspack"), _light("limit", **LIMIT_MODEL),
+           about="vs the model alone in-process, best layout"),
+    Figure("e2e_over_limit_decode_light", _light("tspack"), _light("limit", concurrency=None),
+           about="vs decode + model in-process (the handler's own path on the same JSON body), best layout"),
+    Figure("c1_p50_ms_light", _light("tspack", metric="p50_ms", concurrency=1), goal="<= 2.5",
+           about="ms, the best c=32 configuration at c=1"),
+    Figure("c1_p50_ms_light_min", _light("tspack", metric="p50_ms", concurrency=1, choose="min", where=_batching),
+           phase="sweep", about="ms, the lowest c=1 p50 of any batching configuration"),
+    Figure("c1_p50_ms_light_unbatched", _light("tspack", metric="p50_ms", concurrency=1, choose="min",
+                                               where=_unbatched), phase="sweep", about="ms, batch 1, no wait"),
+    Figure("c1_p50_ms_light_unbatched_onnx", _light("tspack", runtime="onnx", metric="p50_ms", concurrency=1,
+                                                    choose="min", where=_unbatched), phase="sweep"),
+    Figure("aoti_over_torchscript_light", _light("tspack", runtime="aoti"), _light("tspack"), goal=">= 1.2",
+           about="issue 12: the same deployment with format aoti vs torchscript"),
+    Figure("oip_binary_over_json_light", _light("tspack", body="oip-binary"), _light("tspack", body="oip-json"),
+           goal=">= 1.2", about="issue 15: OIP v2 binary tensor requests vs OIP JSON requests"),
+    Figure("oip_binary_over_npy_light", _light("tspack", body="oip-binary"), _light("tspack", body="npy")),
+    Figure("worker_cold_start_s_aoti", _light("tspack", runtime="aoti", body=None, concurrency=None,
+                                              metric="cold_start_s"), phase="cold", goal="<= 5",
+           about="s, register to READY, one worker"),
+    Figure("worker_cold_start_s_torchscript", _light("tspack", body=None, concurrency=None, metric="cold_start_s"),
+           phase="cold"),
+    Figure("worker_peak_rss_mb_aoti", _light("tspack", runtime="aoti", body=None, concurrency=None,
+                                             metric="peak_rss_mb"), phase="cold", about="MB, the worker process"),
+    Figure("worker_peak_rss_mb_torchscript", _light("tspack", body=None, concurrency=None, metric="peak_rss_mb"),
+           phase="cold"),
+    # heavy model (ResNet-18, fp32 TorchScript), c=32
+    Figure("tspack_over_fastapi_heavy", _heavy("tspack", body="npy"), _heavy("fastapi", body="npy"),
+           goal=">= 1.0", about=".npy bodies, best configurations"),
+    Figure("tspack_over_fastapi_heavy_json", _heavy("tspack"), _heavy("fastapi")),
+    Figure("tspack_over_litserve_heavy", _heavy("tspack"), _heavy("litserve"),
+           about="JSON bodies (LitServe parses every body as JSON)"),
+    Figure("tspack_over_naive_heavy", _heavy("tspack"), _heavy("naive-torchserve"), about="JSON bodies"),
+    Figure("e2e_over_limit_heavy", _heavy("tspack", body="npy"), _heavy("limit", **LIMIT_MODEL), goal=">= 0.90",
+           about="vs the model alone in-process, best layout and batch"),
+    Figure("e2e_over_limit_decode_heavy", _heavy("tspack", body="npy"), _heavy("limit", body="npy",
+                                                                                concurrency=None),
+           about="vs decode + model in-process on the same .npy body"),
+)
+RATIO_KEYS = tuple(f.key for f in RATIOS) + ("e2e_over_limit_heavy_best_runtime", "heavy_best_runtime",
+                                             "cold_start_s", "cold_start_light_s")
+
+
+def _describe(row: dict) -> str:
+    body = f" {row['body']}" if row.get("body") else ""
+    concurrency = f" c={row['concurrency']}" if row.get("concurrency") else ""
+    return f"{row['system']} {row['model']} {row['runtime']}{body}{concurrency} ({row['config']})"
+
+
+def _groups(rows: list[dict], figure: Figure) -> list[list[dict]]:
+    """The rows of each round of the figure's phase, in round order."""
+    rounds: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("phase") == figure.phase and row["model"] == figure.top.model:
+            rounds[(row.get("comparison"), row.get("round") or 1)].append(row)
+    return [rounds[key] for key in sorted(rounds, key=lambda k: (str(k[0]), k[1]))]
+
+
+def figure_of(rows: list[dict], figure: Figure) -> dict:
+    """{value, min, max, rounds, per_round, null_reason, goal, about} of one figure."""
+    per_round, reasons = [], []
+    for group in _groups(rows, figure):
+        top = figure.top.choose_from(group)
+        bottom = figure.bottom.choose_from(group) if figure.bottom else None
+        if top is None or (figure.bottom and bottom is None):
+            continue  # this round did not measure both sides (e.g. a system left out with --only)
+        used = [top] + ([bottom] if bottom else [])
+        busy = [r for r in used if r.get("disturbed")]
+        if busy:
+            per_round.append(None)
+            reasons += [f"round {r.get('round') or 1}: {_describe(r)} was measured while other work used "
+                        f"{r['other_cpu_share']:.0%} of the CPU ({r.get('attempts', 1)} tries)" for r in busy]
+            continue
+        denominator = bottom[figure.bottom.metric] if bottom else 1.0
+        per_round.append(top[figure.top.metric] / denominator if denominator else None)
+    return summarize(per_round, reasons, figure.goal, figure.about)
+
+
+def summarize(per_round: list[Optional[float]], reasons: list[str], goal: str = "", about: str = "") -> dict:
+    """Median and spread of per-round values; null when a round was disturbed or nothing was measured."""
+    clean = [v for v in per_round if v is not None]
+    reason = "; ".join(reasons) if reasons else None
+    if not per_round:
+        reason = "not measured in this run"
+    elif not reasons and len(clean) < len(per_round):
+        reason = "a round had no answer to divide by"
+    value = round(float(np.median(clean)), 3) if clean and reason is None else None
+    return {"value": value, "min": round(min(clean), 3) if clean else None,
+            "max": round(max(clean), 3) if clean else None, "rounds": len(per_round),
+            "per_round": [None if v is None else round(v, 3) for v in per_round], "null_reason": reason,
+            "goal": goal, "about": about}
+
+
+def best_runtime_heavy(rows: list[dict]) -> tuple[dict, dict]:
+    """The heavy model's fastest runtime served with .npy bodies at c=32 (the sweep), over that runtime's limit."""
+    served = [r for r in rows if r.get("phase") == "sweep" and r["system"] == "tspack" and r["model"] == "heavy"
+              and r.get("body") == "npy" and r.get("concurrency") == 32]
+    if not served:
+        missing = summarize([], [])
+        return missing, {**missing, "value": None}
+    best = max(served, key=lambda r: r["requests_per_s"])
+    figure = Figure("e2e_over_limit_heavy_best_runtime", _heavy("tspack", runtime=best["runtime"], body="npy"),
+                    _heavy("limit", runtime=best["runtime"], **LIMIT_MODEL), phase="sweep",
+                    about=f"{best['runtime']}, .npy, vs its own limit (model alone)")
+    name = {"value": best["runtime"], "rounds": 1, "null_reason": None, "about": "the fastest heavy runtime served"}
+    return figure_of(rows, figure), name
+
+
+def compute(rows: list[dict], cold_start_s: Optional[float] = None,
+            cold_start_light_s: Optional[float] = None) -> dict:
+    """Every figure of RATIOS, the heavy best runtime, and the server cold starts (one measurement each)."""
+    out = {figure.key: figure_of(rows, figure) for figure in RATIOS}
+    out["e2e_over_limit_heavy_best_runtime"], out["heavy_best_runtime"] = best_runtime_heavy(rows)
+    for key, value, goal in (("cold_start_s", cold_start_s, "<= 10"), ("cold_start_light_s", cold_start_light_s, "")):
+        out[key] = summarize([value] if value is not None else [], [], goal, "s, server start to the first 200")
+    return out

@@ -25,7 +25,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 from archiver.deploy.properties import entry_from_archive
-from benchmarks import artifacts, limit, loadgen, report, systems
+from archiver.operate import load as loadgen
+from benchmarks import artifacts, limit, report, systems
 from benchmarks.artifacts import MODELS, Body, Variant
 from benchmarks.rounds import RERUNS, Contender, Rounds
 

@@ -27,11 +27,11 @@ import time
 import numpy as np
 
 from archiver.deploy.properties import ModelEntry, ServerConfig, write_config
+from archiver.operate import load as loadgen
 from archiver.operate.server import ServerHandle, free_ports, start, stop
 from archiver.operate.status import metric_sum, parse_prometheus
-from benchmarks import artifacts, loadgen
+from benchmarks import artifacts
 from benchmarks.artifacts import MODELS, Variant
-from benchmarks.systems import bearer
 from handlers.metrics import CACHE
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     bodies = artifacts.bodies(MODELS["light"], work)
     handle = serve(folder, store, names)
     try:
-        auth = bearer(handle)
+        auth = handle.authorization()
         url = {kind: f"{handle.inference_url}/predictions/{name}" for kind, name in names.items()}
         for kind in ("off", "on"):  # warm the JVM's hot paths and every batch shape, on each model
             loadgen.run(url[kind], bodies["json"], JSON, args.concurrency, args.warmup, auth)

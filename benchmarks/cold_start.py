@@ -89,7 +89,7 @@ def worker_cold_start(served, mar: str, body, load_s: float = 2.0, timeout_s: fl
 
     `served`: a tspack server started with the model API on (systems.start_tspack(..., model_api=True)).
     """
-    from benchmarks import loadgen
+    from archiver.operate import load as loadgen
     from benchmarks.systems import CpuWatch, RssPeak
 
     name = mar.removesuffix(".mar").rsplit("_v", 1)[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
 from collections import defaultdict
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from benchmarks import ratios as figures
 from benchmarks.rounds import DISTURBED_SHARE
+from benchmarks.sections import machine_info
 
 START, END = "<!-- bench:serving:start -->", "<!-- bench:serving:end -->"
 RATIO_KEYS = figures.RATIO_KEYS  # the keys latest.json's `ratios` always has
@@ -57,25 +57,12 @@ def mark_best(rows: list[dict]) -> None:
         r["best"] = (r["system"], r["model"], r["runtime"], r.get("body"), r["config"], batch) in winners
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "os": platform.platform(terse=True)}
-
-
 def document(results: dict, settings) -> dict:
     rows = results["rows"]
     mark_best(rows)
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": settings.command, "quick": settings.quick, "machine": machine(),
+        "command": settings.command, "quick": settings.quick, "machine": machine_info(),
         "elapsed_s": results["elapsed_s"], "background_cpu_share_at_start": results["background_at_start"],
         "rounds": results.get("rounds"), "reruns": results.get("reruns"), "disturbed_share": DISTURBED_SHARE,
         "ratios": figures.compute(rows, results["cold_start_s"], results.get("cold_start_light_s")),
@@ -239,7 +226,7 @@ def markdown(doc: dict) -> str:
     m = doc["machine"]
     busy = disturbed_rows(doc)
     lines = [START, "## Serving benchmark", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}. "
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Python {m['python']}. "
              f"Date: {doc['date']}. Command: `{doc['command']}` ({doc['elapsed_s']:.0f} s), {doc.get('rounds')} "
              f"interleaved rounds per comparison, up to {doc.get('reruns')} reruns of a disturbed row. "
              f"CPU busy with other work before the run: {_pct(doc['background_cpu_share_at_start'])}; rows still "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
@@ -21,19 +23,44 @@ def write_section(markers: tuple[str, str], section: str, path: str = BENCHMARKS
         f.write(text)
 
 
+def machine_info(versions: bool = False) -> dict:
+    """This host: CPU model, cores, memory, OS and Python; with `versions`, torch, TorchServe, numpy and Java too.
+    The one description of the machine every benchmark writes into its results."""
+    import psutil
+
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": platform.platform(), "python": sys.version.split()[0]}
+    if versions:
+        for package in ("torch", "ts", "numpy"):
+            try:
+                module = __import__(package)
+                info["torchserve" if package == "ts" else package] = getattr(module, "__version__", "?")
+            except ImportError:
+                pass
+        info["java"] = _java_version()
+    return info
+
+
 def machine() -> str:
     """CPU model, cores and memory of this host, for the header of a result."""
-    model = platform.processor() or platform.machine()
+    info = machine_info()
+    return f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB RAM"
+
+
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
         pass
-    memory = ""
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _java_version() -> str:
     try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        memory = f", {kib / 1024 / 1024:.1f} GiB RAM"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return f"{model}, {os.cpu_count()} cores{memory}"
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30).stderr
+        return out.strip().splitlines()[0] if out.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

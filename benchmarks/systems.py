@@ -7,7 +7,6 @@ config, or the naive baseline's hand-written one); peers are scripts run with be
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -201,19 +200,13 @@ def background_share(seconds: float = 2.0) -> float:
     return watch.other_share
 
 
-def bearer(handle: ServerHandle) -> str:
-    if not handle.key_file:
-        return ""
-    with open(handle.key_file, encoding="utf-8") as f:
-        return "Bearer " + json.load(f)["inference"]["key"]
-
 
 def _torchserve(system: str, config_path: str, run_dir: str, model: str, tuned: bool = True,
                 env: dict | None = None) -> Served:
     handle = start(config_path, run_dir, timeout_s=240, tuned=tuned, env=env)
     urls = {"oip": f"{handle.inference_url}/v2/models/{model}/infer"}
     return Served(system, f"{handle.inference_url}/predictions/{model}", handle.pid,
-                  lambda: stop(run_dir, quiet=True), bearer(handle), urls=urls, handle=handle)
+                  lambda: stop(run_dir, quiet=True), handle.authorization(), urls=urls, handle=handle)
 
 
 def start_tspack(folder: str, store: str, entry: ModelEntry | None, model_api: bool = False,

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from archiver.deploy.properties import entry_from_archive
-from benchmarks import loadgen, sections, systems
+from archiver.operate import load as loadgen
+from benchmarks import sections, systems
 from benchmarks.interleave import load_average
 from handlers.spec import MANIFEST_FILE
 

@@ -66,6 +66,11 @@ class ServerHandle:
     def client(self, timeout: float = 60.0) -> TorchServeClient:
         return TorchServeClient(self.inference_url, self.management_url, self.metrics_url, self.key_file, timeout)
 
+    def authorization(self) -> str:
+        """The `Authorization` value for inference ("" without token auth), renewed by the client when due."""
+        key = self.client().keys.key("inference") if self.key_file else None
+        return f"Bearer {key}" if key else ""
+
     def alive(self) -> bool:
         try:
             os.kill(self.pid, 0)

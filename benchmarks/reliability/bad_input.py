@@ -9,7 +9,7 @@ import requests
 
 from archiver.errors import ApiError
 from benchmarks.reliability import inputs
-from benchmarks.reliability.load import Caller, Outcome, Target, bearer
+from benchmarks.reliability.load import Caller, Outcome, Target
 from benchmarks.reliability.result import Result, ms
 from benchmarks.reliability.rig import Rig, worker_states
 from benchmarks.reliability.settings import Settings
@@ -39,7 +39,7 @@ def is_server_error(outcome: Outcome) -> bool:
 
 
 def run_matrix(rig: Rig, cells: list[tuple[inputs.Case, str]]) -> list[dict]:
-    caller = Caller(bearer(rig.handle), timeout_s=120.0)
+    caller = Caller(rig.handle.authorization(), timeout_s=120.0)
     rows = []
     for case, target in cells:
         outcome = send_case(caller, rig, case, target)
@@ -54,7 +54,7 @@ def run_matrix(rig: Rig, cells: list[tuple[inputs.Case, str]]) -> list[dict]:
 
 def serving_check(rig: Rig) -> dict[str, bool]:
     """A good request on every path answers 200 (through the workflow: 200 without an error body)."""
-    caller = Caller(bearer(rig.handle))
+    caller = Caller(rig.handle.authorization())
     answers = {}
     for target in inputs.MATRIX_TARGETS:
         outcome = caller.post(Target(rig.url(inputs.TARGETS[target]), inputs.good_body(target),

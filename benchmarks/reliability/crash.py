@@ -13,7 +13,6 @@ from benchmarks.reliability.load import (
     Background,
     Load,
     Outcome,
-    bearer,
     failures,
     rate,
     status_counts,
@@ -100,7 +99,7 @@ def scenario_crash(rig: Rig, settings: Settings) -> dict:
     victim = pick_victim(result, rig, version)
     if victim is None:
         return result.done()
-    background = Background(inputs.good_target(rig), load, bearer(rig.handle))
+    background = Background(inputs.good_target(rig), load, rig.handle.authorization())
     time.sleep(settings.crash_baseline_s)
     kill_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)

@@ -10,7 +10,7 @@ import time
 
 from benchmarks.reliability import inputs
 from benchmarks.reliability.bad_input import is_server_error, judge, send_case, wait_serving
-from benchmarks.reliability.load import Caller, bearer
+from benchmarks.reliability.load import Caller
 from benchmarks.reliability.metrics import BAD_TRAFFIC, send_known_traffic
 from benchmarks.reliability.result import Result, ms
 from benchmarks.reliability.rig import SLOW, Rig
@@ -21,7 +21,7 @@ from benchmarks.reliability.status import seed_history, status_cli, wait_for_flu
 
 def run_known_issue(rig: Rig, issue: inputs.KnownIssue, case: inputs.Case, timeout_s: float = 120.0) -> dict:
     """Send the request that shows `issue`; then wait until the deployment serves normally again."""
-    caller = Caller(bearer(rig.handle), timeout_s=timeout_s)
+    caller = Caller(rig.handle.authorization(), timeout_s=timeout_s)
     outcome = send_case(caller, rig, case, issue.target)
     caller.close()
     ok, got = judge(issue.target, case.expect[issue.target], outcome)

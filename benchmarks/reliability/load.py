@@ -100,11 +100,6 @@ def _json_or_none(response: requests.Response) -> Optional[object]:
         return None
 
 
-def bearer(handle) -> str:
-    """`Authorization` header value for inference on the server of `handle` ("" without token auth)."""
-    key = handle.client().keys.key("inference") if handle.key_file else None
-    return f"Bearer {key}" if key else ""
-
 
 def run_load(target: Target, load: Load, authorization: str, stop: Optional[threading.Event] = None,
              on_outcome: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:

@@ -8,7 +8,7 @@ import time
 from archiver.operate.client import TorchServeClient
 from archiver.operate.status import metric_sum, parse_prometheus
 from benchmarks.reliability import inputs
-from benchmarks.reliability.load import Caller, Outcome, Target, bearer
+from benchmarks.reliability.load import Caller, Outcome, Target
 from benchmarks.reliability.result import Result
 from benchmarks.reliability.rig import MODEL, Rig, default_version
 from benchmarks.reliability.settings import Settings
@@ -22,7 +22,7 @@ GOOD_COUNT = 7
 
 def send_known_traffic(rig: Rig) -> list[Outcome]:
     """7 good requests and 3 malformed ones, one at a time (so each is its own TorchServe batch)."""
-    caller = Caller(bearer(rig.handle))
+    caller = Caller(rig.handle.authorization())
     url = rig.url(f"/predictions/{MODEL}")
     outcomes = [caller.post(Target(url, inputs.good_json())) for _ in range(GOOD_COUNT)]
     outcomes += [caller.post(Target(url, body)) for body, _, _ in BAD_TRAFFIC]

@@ -14,7 +14,6 @@ from benchmarks.reliability.load import (
     Load,
     Outcome,
     RssSampler,
-    bearer,
     percentile,
     run_load,
     status_counts,
@@ -77,7 +76,7 @@ def scenario_overload(rig: Rig, settings: Settings) -> dict:
     before = tree_rss(rig.handle.pid)
     offset = access_log_offset(rig)
     with RssSampler(rig.handle.pid, interval_s=0.25) as sampler:
-        outcomes = run_load(inputs.good_target(rig, f"/predictions/{SLOW}"), load, bearer(rig.handle))
+        outcomes = run_load(inputs.good_target(rig, f"/predictions/{SLOW}"), load, rig.handle.authorization())
     rejected = sum(1 for o in outcomes if o.status == 503)
     overload_checks(result, settings, outcomes, access_log_ms(rig, offset, f"/predictions/{SLOW}", 503, rejected))
     growth_mb = (sampler.peak_tree - before) / MB
@@ -86,7 +85,7 @@ def scenario_overload(rig: Rig, settings: Settings) -> dict:
                  f"{sampler.peak_tree / MB:.0f} MB (+{growth_mb:.0f} MB)")
     healthy_at = time.monotonic()
     ping = client.ping().get("status")
-    answer = Caller(bearer(rig.handle)).post(inputs.good_target(rig, f"/predictions/{SLOW}"))
+    answer = Caller(rig.handle.authorization()).post(inputs.good_target(rig, f"/predictions/{SLOW}"))
     result.check("healthy once the load stops (ping Healthy, a normal request answers 200)",
                  ping == "Healthy" and answer.ok, f"ping {ping}, request {answer.status}")
     duration = max(o.end for o in outcomes) - min(o.start for o in outcomes) if outcomes else 0.0

@@ -4,47 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-import sys
 from typing import Any
+
+from benchmarks.sections import machine_info
 
 HIDDEN_FIGURES = {"rows", "traceback", "text", "archives", "known_issue_cells"}
 
 
 def machine() -> dict:
-    import psutil
-
-    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "os": platform.platform(), "python": sys.version.split()[0]}
-    for package in ("torch", "ts", "numpy"):
-        try:
-            module = __import__(package)
-            info["torchserve" if package == "ts" else package] = getattr(module, "__version__", "?")
-        except ImportError:
-            pass
-    info["java"] = _java_version()
+    info = machine_info(versions=True)
     info["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _java_version() -> str:
-    try:
-        out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30).stderr
-        return out.strip().splitlines()[0] if out.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def write(doc: dict, json_path: str, markdown_path: str) -> None:
@@ -228,7 +198,7 @@ def markdown(doc: dict) -> str:
         f"- command: `{doc['command']}`",
         f"- date: {doc['date']}; {doc['total_s']:g} s in all, of which {doc['setup_s']:g} s to build the archives "
         "and start TorchServe",
-        f"- machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB; {m.get('os')}; Python "
+        f"- machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB; {m.get('os')}; Python "
         f"{m.get('python')}, torch {m.get('torch')}, TorchServe {m.get('torchserve')}, {m.get('java')}; load average "
         f"at the end {m.get('load_average_at_end')}",
         "- other people's jobs share this 2-core machine, so latencies and rates are noisy; only recovery times "

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from benchmarks.reliability import inputs
-from benchmarks.reliability.load import MB, Background, Load, RssSampler, bearer, failures, frontend_pid, status_counts
+from benchmarks.reliability.load import MB, Background, Load, RssSampler, failures, frontend_pid, status_counts
 from benchmarks.reliability.result import Result, latency_figures
 from benchmarks.reliability.rig import MODEL, Rig, default_version, ready_pids
 from benchmarks.reliability.settings import Settings
@@ -33,7 +33,7 @@ def run_soak(rig: Rig, settings: Settings, pids: list[int], progress: Optional[C
                 max_requests=int(settings.soak_s * per_client) + 10)
     java = frontend_pid(rig.handle.pid)
     with RssSampler(rig.handle.pid, lambda: pids + ([java] if java else []), interval_s=1.0) as sampler:
-        background = Background(inputs.good_target(rig), load, bearer(rig.handle))
+        background = Background(inputs.good_target(rig), load, rig.handle.authorization())
         while background.thread.is_alive():
             background.thread.join(1.0)
             if progress:

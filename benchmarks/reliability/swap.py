@@ -8,7 +8,7 @@ from typing import Optional
 from archiver.operate.client import TorchServeClient
 from archiver.operate.swap import swap_version
 from benchmarks.reliability import inputs
-from benchmarks.reliability.load import Background, Load, Outcome, bearer, failures, status_counts
+from benchmarks.reliability.load import Background, Load, Outcome, failures, status_counts
 from benchmarks.reliability.result import Result, latency_figures
 from benchmarks.reliability.rig import DIGITS_WORKERS, MODEL, Rig
 from benchmarks.reliability.settings import Settings
@@ -67,7 +67,7 @@ def scenario_swap(rig: Rig, settings: Settings) -> dict:
     client = TimedClient(handle.inference_url, handle.management_url, handle.metrics_url, handle.key_file)
     registered = [d["modelVersion"] for d in client.versions(MODEL)]
     result.check("starts with v1.0 only", registered == ["1.0"], registered)
-    background = Background(inputs.good_target(rig), load, bearer(handle))
+    background = Background(inputs.good_target(rig), load, handle.authorization())
     time.sleep(settings.swap_before_s)
     swap_started = time.monotonic()
     try:

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from benchmarks import bench, limit, loadgen, ratios, report
+from archiver.operate import load as loadgen
+from benchmarks import bench, limit, ratios, report
 from benchmarks.rounds import Contender, Rounds
 
 pytestmark = pytest.mark.integration

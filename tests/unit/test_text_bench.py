@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks import loadgen
+from archiver.operate import load as loadgen
 from benchmarks import text_bench as tb
 
 LONGEST = tb.Variant("longest", 2, 1, 16, 5)

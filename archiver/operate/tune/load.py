@@ -1,7 +1,6 @@
 """Load for `tspack tune`: wrk POSTing one fixed body from N connections, and the body itself.
 
-The idea of benchmarks/loadgen.py (wrk with a Lua script whose `done` prints the numbers as one JSON line), kept
-small and separate: the library does not import the benchmarks.
+wrk runs through the pack's one load generator, archiver/operate/load.py, the same as the benchmarks use.
 """
 
 from __future__ import annotations
@@ -9,32 +8,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from archiver.errors import TuneError
-
-LUA = r"""
-wrk.method = "POST"
-local f = assert(io.open(os.getenv("TUNE_BODY"), "rb"))
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = os.getenv("TUNE_CONTENT_TYPE")
-local auth = os.getenv("TUNE_AUTHORIZATION")
-if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('TUNE_JSON {"requests":%d,"duration_us":%d,"errors":%d,"non2xx":%d,' ..
-    '"p50_us":%d,"p99_us":%d}\n', summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(99)))
-end
-"""
+from archiver.operate import load as wrk_load
 
 
 @dataclass(frozen=True)
@@ -56,32 +36,19 @@ class Level:
     errors: int
 
 
-def run(url: str, body: Body, concurrency: int, duration_s: float, authorization: str, folder: str) -> Level:
-    """POST `body` to `url` from `concurrency` connections for `duration_s` seconds (one wrk thread).
+def run(url: str, body: Body, concurrency: int, duration_s: float, authorization: str) -> Level:
+    """POST `body` to `url` from `concurrency` connections for `duration_s` seconds, with the pack's one load
+    generator (archiver/operate/load.py).
 
     Raises:
         TuneError: wrk is not installed, or printed no numbers.
     """
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        raise TuneError("wrk is not installed (`apt-get install -y wrk`); tspack tune measures with it")
-    script = os.path.join(folder, "tune.lua")
-    if not os.path.exists(script):
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(LUA)
-    env = dict(os.environ, TUNE_BODY=os.path.abspath(body.path), TUNE_CONTENT_TYPE=body.content_type,
-               TUNE_AUTHORIZATION=authorization)
-    seconds = max(1, round(duration_s))
-    done = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout=30s", "-s", script, url],
-                          env=env, capture_output=True, text=True, timeout=seconds + 60)
-    match = re.search(r"^TUNE_JSON (\{.*\})$", done.stdout, re.MULTILINE)
-    if not match:
-        raise TuneError(f"wrk printed no numbers: {(done.stdout + done.stderr).strip()[-400:]}")
-    raw = json.loads(match.group(1))
-    ok = raw["requests"] - raw["non2xx"]
-    p50, p99 = ((raw[k] / 1000.0 if raw["requests"] else None) for k in ("p50_us", "p99_us"))
-    return Level(concurrency=concurrency, requests_per_s=ok / (raw["duration_us"] / 1e6), p50_ms=p50, p99_ms=p99,
-                 errors=raw["errors"] + raw["non2xx"])
+    try:
+        result = wrk_load.run(url, body.path, body.content_type, concurrency, duration_s, authorization)
+    except wrk_load.LoadGenError as exc:
+        raise TuneError(f"{exc}; tspack tune measures with wrk") from exc
+    return Level(concurrency=concurrency, requests_per_s=result.requests_per_s, p50_ms=result.p50_ms,
+                 p99_ms=result.p99_ms, errors=result.errors)
 
 
 def request_body(manifest, folder: str, samples=None) -> Body:

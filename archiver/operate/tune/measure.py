@@ -107,11 +107,9 @@ class TrialServer:
 
     def _measure(self, name: str, body: load.Body, concurrency: tuple[int, ...], duration_s: float) -> list:
         url = f"{self.handle.inference_url}/predictions/{name}"
-        key = self.client.keys.key("inference") if self.client.keys.enabled else None
-        authorization = f"Bearer {key}" if key else ""
-        with tempfile.TemporaryDirectory(prefix="tspack-tune-", dir=self.work_dir) as folder:
-            load.run(url, body, max(concurrency), WARM_S, authorization, folder)  # lazy init, JIT, caches
-            return [load.run(url, body, c, duration_s, authorization, folder) for c in concurrency]
+        authorization = self.handle.authorization()
+        load.run(url, body, max(concurrency), WARM_S, authorization)  # lazy init, JIT, caches
+        return [load.run(url, body, c, duration_s, authorization) for c in concurrency]
 
     def _unregister(self, name: str) -> None:
         try:

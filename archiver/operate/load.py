@@ -1,6 +1,7 @@
-"""The load generator: `wrk` with a Lua script (POST, fixed body, headers), its numbers and its CPU share.
+"""The one load generator: `wrk` with a Lua script (POST, fixed body, headers), its numbers and its CPU share.
 
-Every HTTP system of the benchmark is measured with this one function, so they differ only in the server.
+`tspack tune` and every HTTP system of the benchmarks are measured with this one function, so they differ only in
+the server.
 """
 
 from __future__ import annotations

@@ -92,11 +92,10 @@ class SamplesSpec:
 
 
 DEFAULT_BATCH_DELAY_MS = 2
-# The batching of a spec that names neither a mode nor a delay. Measured here (light CNN, 2 shared cores, real
-# TorchServe, wrk): zero_wait cut the p50 of a lone client from 5.5-7.8 ms to 3.6-5.5 ms but served 0.45-0.9x the
-# requests/s of a 2 ms delay at 32 clients: TorchServe's async worker costs a message each way and two log lines
-# per request instead of per batch. So delay stays the default until `make bench` says otherwise.
-DEFAULT_BATCHING: Batching = "delay"
+# The batching of a spec that names neither a mode nor a delay. Measured here (light CNN, 2 workers x 1 thread on 2
+# shared cores, real TorchServe, wrk, interleaved): zero_wait answered a lone client in 2.0-2.6 ms p50 against
+# 4.0-5.0 ms with a 1 ms delay, and served 1.05-1.1x the requests/s of that delay at 32 clients (see BENCHMARKS.md).
+DEFAULT_BATCHING: Batching = "zero_wait"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,14 @@ def _batching(row: dict) -> bool:
     return row["batch_size"] > 1
 
 
+def _zero_wait(row: dict) -> bool:
+    return "zero-wait" in row["config"]
+
+
+def _delay(row: dict) -> bool:
+    return row["batch_size"] > 1 and "zero-wait" not in row["config"]
+
+
 def _unbatched(row: dict) -> bool:
     return row["batch_size"] == 1
 
@@ -84,6 +92,11 @@ RATIOS: tuple[Figure, ...] = (
            about="vs decode + model in-process (the handler's own path on the same JSON body), best layout"),
     Figure("c1_p50_ms_light", _light("tspack", metric="p50_ms", concurrency=1), goal="<= 2.5",
            about="ms, the best c=32 configuration at c=1"),
+    Figure("zero_wait_over_best_delay_light", _light("tspack", where=_zero_wait), _light("tspack", where=_delay),
+           phase="sweep", goal=">= 1.0", about="issue 14: the default (zero-wait) vs the best fixed-delay batching"),
+    Figure("c1_p50_ms_light_zero_wait", _light("tspack", metric="p50_ms", concurrency=1, choose="min",
+                                               where=_zero_wait), phase="sweep", goal="<= 2.5",
+           about="ms, the default (zero-wait) deployment at c=1"),
     Figure("c1_p50_ms_light_min", _light("tspack", metric="p50_ms", concurrency=1, choose="min", where=_batching),
            phase="sweep", about="ms, the lowest c=1 p50 of any batching configuration"),
     Figure("c1_p50_ms_light_unbatched", _light("tspack", metric="p50_ms", concurrency=1, choose="min",

@@ -17,14 +17,23 @@ deployment), TorchServe starts with that deployment, as `tspack serve start` wou
 archiver.operate.restore functions check the archives and write the effective config. Once TorchServe runs, the
 pack's record of the server (server.json) is written there too, for the `tspack` commands.
 
-Standard library only, plus psutil when present, and tspack (archiver) for the records: without it, the
-command runs as given.
+When the config names a tspack OIP gateway (`tspack_oip_address`, `tspack config --oip-port`), it runs beside
+TorchServe as under `tspack serve start`, with the same archiver.operate functions: its port is bound before
+TorchServe starts (taken: the container stops at once, saying so), the gateway watches the launcher and exits
+within half a second of it, and it is recorded in server.json. SIGTERM is not passed to it: it keeps forwarding
+the requests TorchServe still answers while it drains, and goes when TorchServe has gone. Its log is
+logs/oip_gateway.log in the state folder.
+
+Standard library only, plus psutil when present, and tspack (archiver) for the records and the gateway: without
+it, the command runs as given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,8 +86,12 @@ def forward(signum: int, launcher: int) -> None:
             pass
 
 
-def wait_all(launcher: int) -> int:
-    """Reap every child until none is left; return the launcher's exit code (1 if it was never seen)."""
+def wait_all(launcher: int, gateway: int = 0) -> int:
+    """Reap every child until none is left; return the launcher's exit code (1 if it was never seen).
+
+    A `gateway` (the OIP gateway's pid) that ends before the launcher is reported: TorchServe keeps serving, and
+    the health check says unhealthy from then on.
+    """
     code: Optional[int] = None
     while True:
         try:
@@ -87,6 +100,9 @@ def wait_all(launcher: int) -> int:
             break
         if pid == launcher:
             code = os.waitstatus_to_exitcode(status)
+        elif pid == gateway and code is None:
+            print(f"entrypoint: the OIP gateway exited (code {os.waitstatus_to_exitcode(status)}) while TorchServe "
+                  "runs; its log: logs/oip_gateway.log in the state folder", file=sys.stderr)
     if code is None:
         return 1
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
@@ -134,27 +150,69 @@ def plan_restore(argv: list[str], state_dir: str) -> tuple[list[str], Any]:
     return argv[:at] + [prepared.config_path] + argv[at + 1:], prepared
 
 
-def record_server(argv: list[str], state_dir: str, pid: int, prepared: Any) -> None:
-    """Write the pack's record of this server (server.json) into the state folder, so that `tspack serve
-    status`, `tspack register` and the rest work inside the container with `--run-dir <state folder>`; then,
-    in the background, once TorchServe is ready, finish what `tspack serve start` finishes: scale restored
-    versions to their recorded workers and record the deployment.
+def bind_gateway(argv: list[str]) -> tuple[Optional[socket.socket], Optional[str]]:
+    """The OIP gateway's listening socket when the config (`--ts-config`) names one, bound before TorchServe starts
+    as `tspack serve start` binds it; or a message when its address is taken or malformed.
 
-    Best effort: an image without tspack (or with an older one) serves the same without the record.
+    No gateway (None, None) without a config, without the address in it, or without tspack.
     """
     if "--ts-config" not in argv[:-1]:
-        return
+        return None, None
     try:
-        from archiver.operate.server import ServerHandle
+        from archiver.deploy.properties import OIP_ADDRESS_KEY, read_properties
+        from archiver.errors import ServerError
+        from archiver.operate import oip_process
+    except ImportError:
+        return None, None
+    try:
+        return oip_process.bind(read_properties(argv[argv.index("--ts-config") + 1]).get(OIP_ADDRESS_KEY)), None
+    except (ServerError, OSError) as exc:  # OSError: an unreadable config
+        return None, str(exc)
 
-        config = argv[argv.index("--ts-config") + 1]
-        handle = ServerHandle.for_config(config, state_dir, pid, tmp_dir=tempfile.gettempdir())
-        handle.save()
-    except Exception as exc:  # whatever goes wrong here must not stop the server
-        print(f"entrypoint: no tspack record in {state_dir} ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return
+
+def record_server(argv: list[str], state_dir: str, pid: int, prepared: Any,
+                  gateway_socket: Optional[socket.socket] = None) -> Any:
+    """Write the pack's record of this server (server.json) into the state folder, so that `tspack serve
+    status`, `tspack register` and the rest work inside the container with `--run-dir <state folder>`; start
+    the OIP gateway on `gateway_socket` (see bind_gateway; closed here in every case); then, in the background,
+    once TorchServe is ready, finish what `tspack serve start` finishes: scale restored versions to their
+    recorded workers and record the deployment.
+
+    Returns the record (ServerHandle), None without one. Best effort: an image without tspack (or with an older
+    one) serves the same without the record and the gateway.
+    """
+    with gateway_socket or contextlib.nullcontext():
+        if "--ts-config" not in argv[:-1]:
+            return None
+        try:
+            from archiver.operate.server import ServerHandle
+
+            config = argv[argv.index("--ts-config") + 1]
+            handle = ServerHandle.for_config(config, state_dir, pid, tmp_dir=tempfile.gettempdir())
+            handle.save()
+        except Exception as exc:  # whatever goes wrong here must not stop the server
+            print(f"entrypoint: no tspack record in {state_dir} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return None
+        if gateway_socket is not None:
+            start_gateway(handle, config, gateway_socket)
     if prepared is not None:
         threading.Thread(target=finish_restore, args=(handle, prepared), daemon=True).start()
+    return handle
+
+
+def start_gateway(handle: Any, config: str, listening: socket.socket) -> None:
+    """The OIP gateway beside the TorchServe of `handle`, recorded in it (server.json), as `tspack serve start`
+    runs it."""
+    try:
+        from archiver.deploy.properties import read_properties
+        from archiver.operate import oip_process, server
+
+        gateway = server.start_gateway(handle, read_properties(config), listening)
+    except Exception as exc:  # TorchServe serves without it; the health check reports it missing
+        print(f"entrypoint: no OIP gateway ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return
+    print(f"entrypoint: OIP gateway (pid {gateway.pid}) on {handle.oip_url}; log: "
+          f"{os.path.join(handle.log_dir, oip_process.LOG_FILE)}", file=sys.stderr)
 
 
 def finish_restore(handle: Any, prepared: Any, timeout_s: float = 300.0) -> None:
@@ -180,15 +238,20 @@ def main(argv: list[str]) -> int:
     if problem:
         print(f"entrypoint: {problem}", file=sys.stderr)
         return 1
-    prepared = None
+    prepared, gateway_socket, handle = None, None, None
     if state_dir:
         argv, prepared = plan_restore(argv, state_dir)
-    launcher = subprocess.Popen(argv)  # inherits stdout/stderr: TorchServe's logs reach `docker logs`
+        gateway_socket, problem = bind_gateway(argv)
+        if problem:
+            print(f"entrypoint: {problem}", file=sys.stderr)
+            return 1
+    # inherits stdout/stderr: TorchServe's logs reach `docker logs`; not the gateway's socket (close_fds)
+    launcher = subprocess.Popen(argv)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: forward(received, launcher.pid))
-    if state_dir:
-        record_server(argv, state_dir, launcher.pid, prepared)  # after the handlers: SIGTERM may come any time
-    code = wait_all(launcher.pid)
+    if state_dir:  # after the handlers: SIGTERM may come any time
+        handle = record_server(argv, state_dir, launcher.pid, prepared, gateway_socket)
+    code = wait_all(launcher.pid, getattr(handle, "oip_pid", 0))
     launcher.returncode = code  # reaped above; tell Popen so it does not wait again
     return code
 

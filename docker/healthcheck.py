@@ -9,6 +9,10 @@ management API's `/token?type=inference` with the API key (which does not expire
 client does, and pings again. It never renews a key that still works, so a key a client holds stays valid
 until it expires. Healthy means HTTP 200 with status "Healthy": every model has its ready workers.
 
+When the config names the tspack OIP gateway (`tspack_oip_address`, which the entrypoint then starts beside
+TorchServe), healthy also needs the gateway's `GET /v2/health/live` (no token) to answer 200: OIP clients reach
+the models only through it, and `tspack serve status` counts a server without its gateway as unhealthy too.
+
 `--liveness`: `GET /metrics` on the metrics port, which takes no token and changes nothing; it proves the
 frontend is up, not that models are loaded. (The Kubernetes manifests use an httpGet probe for this.)
 
@@ -33,6 +37,8 @@ DEFAULT_CONFIG = os.environ.get("TSPACK_TS_CONFIG", os.path.join(HOME, "config",
 DEFAULT_KEY_FILE = os.environ.get("TSPACK_KEY_FILE", os.path.join(
     os.environ.get("TSPACK_STATE_DIR", os.path.join(HOME, "state")), "key_file.json"))
 TOKEN_FAILED = "Token Authorization failed"
+# archiver.deploy.properties.OIP_ADDRESS_KEY, spelled out: this script imports nothing of tspack.
+OIP_ADDRESS_KEY = "tspack_oip_address"
 DEFAULTS = {"inference": "http://127.0.0.1:8080", "management": "http://127.0.0.1:8081",
             "metrics": "http://127.0.0.1:8082"}
 
@@ -99,6 +105,15 @@ def metrics(urls: dict[str, str], timeout: float) -> tuple[bool, str]:
     return status == 200, f"/metrics answered HTTP {status}"
 
 
+def gateway_live(url: str, timeout: float) -> tuple[bool, str]:
+    """The OIP gateway's liveness probe, which takes no token."""
+    try:
+        status, _ = get(url + "/v2/health/live", None, timeout)
+    except OSError as exc:  # refused: the gateway is not running
+        return False, f"OIP gateway {url}: {exc}"
+    return status == 200, f"OIP gateway {url}/v2/health/live answered HTTP {status}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="TorchServe's config.properties")
@@ -114,6 +129,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             token_auth = props.get("disable_token_authorization", "false").lower() != "true"
             healthy, reason = ping(urls, args.key_file if token_auth else None, args.timeout)
+            if healthy and props.get(OIP_ADDRESS_KEY):
+                live, said = gateway_live(local_url(props[OIP_ADDRESS_KEY]), args.timeout)
+                healthy, reason = live, f"{reason}; {said}"
     except (OSError, ValueError) as exc:  # connection refused, timeout, no key file yet, bad JSON
         healthy, reason = False, f"{type(exc).__name__}: {exc}"
     print(("healthy: " if healthy else "unhealthy: ") + reason)

@@ -3,7 +3,7 @@
 It owns what is the same for every artifact: reading the archive's manifest, placing the worker
 (device, threads), loading the runtime the manifest names, batch-correct `handle()`, per-request
 HTTP statuses, `describe`, and metrics. Subclasses only say which front end they serve. An archive built for
-zero-wait batching (handlers/zero_wait.py) is answered by the same `answer`, run from the handler's own queue.
+zero-wait batching (handlers/zero_wait.py) is answered by the same `handle`, called by the handler's own worker loop.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from handlers.request import Decoded, Request, requests_from_batch
 from handlers.routing import decode_for_node, workflow_variant
 from handlers.runtimes import load_runtime
 from handlers.spec import ArtifactManifest
-from handlers.zero_wait import ZeroWaitBatcher, copy_context_shallowly, release_jobs, zero_wait_config
+from handlers.zero_wait import DrainingWorker, release_described, release_jobs, zero_wait_config
 
 logger = logging.getLogger(__name__)
 
@@ -60,48 +60,40 @@ class ServingHandler:
         self.initialized = False
         self.context: Any = None
         self.metrics: Optional[HandlerMetrics] = None
-        self.batcher: Optional[ZeroWaitBatcher] = None
+        self.zero_wait: Optional[DrainingWorker] = None
 
     def initialize(self, context: Any) -> None:
         self.context = context
         self.load(context)
         zero_wait = zero_wait_config(getattr(context, "model_yaml_config", None))
-        if zero_wait is not None:  # a batch then spans several TorchServe calls, so it has no one context
-            self.metrics.flush_in_thread = False
-            copy_context_shallowly(context)
-            self.batcher = ZeroWaitBatcher(lambda requests: self.answer(requests, None), zero_wait,
-                                           flush=self.metrics.flush, flush_s=self.metrics.FLUSH_S)
+        if zero_wait is not None:
+            self.zero_wait = DrainingWorker(zero_wait, self.handle, self.refuse)
+            self.zero_wait.install()
         self.initialized = True
         quiet_worker_logs(context)
 
-    def handle(self, data: list, context: Any) -> Any:
-        """The bodies, in request order; in zero-wait mode a coroutine of them, which TorchServe's async worker
-        awaits."""
-        if self.batcher is not None:
-            return self.handle_queued(data, context)
+    def handle(self, data: list, context: Any) -> list:
+        """The bodies, in request order (in zero-wait mode, with what makes the frontend forget each job)."""
         if is_describe_request(context):
+            if self.zero_wait:
+                release_described(context)
             return [json.dumps(self.description())]
-        return write_answers(self.answer(requests_from_batch(data, context), context), context)
+        requests = requests_from_batch(data, context)
+        bodies = write_answers(self.answer(requests, context), context)
+        return release_jobs(bodies, requests, data, context) if self.zero_wait else bodies
 
-    async def handle_queued(self, data: list, context: Any) -> list:
-        """One `predict` call of TorchServe's asynchronous worker: queue its requests, answer them once their batch
-        has run."""
-        count = len(data)
-        try:
-            if is_describe_request(context):
-                return [json.dumps(self.description())]
-            requests = requests_from_batch(data, context)
-            answers = await self.batcher.submit(requests)
-            return release_jobs(write_answers(answers, context), requests, data, context)
-        except Exception as exc:  # raised, it would make TorchServe answer 503 to every request the worker holds
-            logger.exception("zero-wait call failed")
-            del data[count:]
-            return write_answers([Answer.from_error(exc) for _ in range(count)], context)
+    def refuse(self, data: list, context: Any, error: BaseException) -> list:
+        """Zero-wait mode: every request answered with `error` (the worker is full, or its batch failed)."""
+        requests = requests_from_batch(data, context)
+        model = (getattr(context, "manifest", None) or {}).get("model") or {}
+        meta = {"model": getattr(context, "model_name", None), "version": model.get("modelVersion")}
+        answers = [bridge_safe(request, Answer.from_error(error), meta) for request in requests]
+        return release_jobs(write_answers(answers, context), requests, data, context)
 
     def description(self) -> dict:
         """`describe` plus how this worker batches."""
-        if self.batcher is not None:
-            batching = self.batcher.describe()
+        if self.zero_wait is not None:
+            batching = self.zero_wait.describe()
         else:
             properties = getattr(self.context, "system_properties", None) or {}
             batching = {"mode": "delay", "batch_size": properties.get("batch_size")}
@@ -112,8 +104,7 @@ class ServingHandler:
         raise NotImplementedError
 
     def answer(self, requests: list[Request], context: Any) -> list[Answer]:
-        """One answer per request, in order; a bad request gets its own error answer, never the batch's.
-        `context` is None in zero-wait mode: per-request headers go on the answers."""
+        """One answer per request, in order; a bad request gets its own error answer, never the batch's."""
         raise NotImplementedError
 
     def describe(self) -> dict:

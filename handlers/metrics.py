@@ -98,9 +98,6 @@ class HandlerMetrics:
         self._pending: dict[tuple[str, tuple[str, ...]], float] = {}
         self._lock = threading.Lock()
         self._flusher: Optional[threading.Thread] = None
-        # False: the owner calls flush() (zero-wait batching calls it from the worker's event loop, the one thread
-        # that may write to stdout there: handlers/zero_wait.py).
-        self.flush_in_thread = True
         output = getattr(manifest, "output", None)
         self._label_cap = len(getattr(output, "labels", None) or ()) or DEFAULT_LABEL_CAP
         self._labels_seen: set[str] = set()
@@ -153,7 +150,7 @@ class HandlerMetrics:
         with self._lock:
             key = (name, dimension_values)
             self._pending[key] = self._pending.get(key, 0.0) + value
-            if self._flusher is None and self.flush_in_thread:
+            if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_forever, name="tspack-metrics", daemon=True)
                 self._flusher.start()
 

@@ -2,33 +2,32 @@
 
 TorchServe 0.12's frontend waits `maxBatchDelay` for a batch to fill, and reads 0 as its 100 ms default, so a lone
 request always pays the delay. With `asyncCommunication: true` and `batchSize: 1` in model-config.yaml it instead
-hands every request to the worker as it arrives, and the worker awaits the handler's coroutine for each one on a
-single asyncio loop (ts/async_service.py). So the handler owns the queue: a request that finds the model idle runs
-at once; requests that arrive while it runs are taken together, up to `max_batch`, as soon as it is done.
+streams every request to the worker as it arrives, without waiting for answers. So the worker can own the queue:
+a request that finds the model idle runs at once; requests that arrive while it runs are taken together, up to
+`max_batch`, as soon as it is done.
 
-The model runs on the loop's own thread. Requests that arrive meanwhile are not held back by that: TorchServe's
-receiving threads read them off the socket and schedule them on the loop, and the loop starts them all (each
-joins the queue) before the next batch is taken. A separate model thread was tried first: it adds two thread
-hand-offs per batch, and it writes metric lines to stdout while the loop thread prints TorchServe's per-request
-`self._entry_point=...` line; the two interleave and glue lines together, and the frontend drops a glued metric
-line. So everything this worker writes to stdout is written from the loop thread (metrics counters included,
-see `flush`).
-
-The handlers keep their own decode -> infer -> encode path (`answer`); this module only decides when it runs.
+TorchServe's own asynchronous worker loop (ts/async_service.py) is too slow for that on a small model (see
+`DrainingWorker.install`), so the handler installs `DrainingWorker` in its place: one thread that reads, batches,
+runs the handler's ordinary batch-correct `handle` and writes the answers. A first version kept TorchServe's loop
+and queued requests in an asyncio batcher inside the handler; at c=1 it added about a millisecond per request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import logging
+import select
+import socket
+import sys
+import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ts.protocol.otf_message_handler import create_predict_response, retrieve_msg
+
 from handlers.errors import ModelLoadError, Overloaded, SpecError
-from handlers.pipeline import Answer
 from handlers.request import Request
 from handlers.spec import parse, require
 
@@ -71,138 +70,210 @@ def zero_wait_config(model_yaml_config: Optional[dict]) -> Optional[ZeroWaitConf
         raise ModelLoadError(f"model-config.yaml: {exc}") from exc
 
 
-@dataclass
-class _Call:
-    """One call of TorchServe's `predict` (one request with the frontend's batchSize 1) waiting for its answers."""
+class BufferedSocket:
+    """`recv(n)` served from a 64 KiB buffer filled by one system call.
 
-    requests: list[Request]
-    future: asyncio.Future
-
-
-class ZeroWaitBatcher:
-    """The worker's queue and its one runner.
-
-    `answer(requests) -> answers` is the handler's batch-correct path (decode, cache, infer, encode, metrics); it
-    answers every request itself, errors included. `flush` (the metrics' counters) is called on the loop every
-    `flush_s` seconds from the first batch on, instead of from a thread of its own.
+    TorchServe's message parser (`retrieve_msg`) reads every field, and every header's name and value, with a
+    `recv` of its own: some forty system calls per request. It only ever calls `recv`, so it reads from this.
     """
 
-    def __init__(self, answer: Callable[[list[Request]], list[Answer]], config: ZeroWaitConfig,
-                 flush: Optional[Callable[[], None]] = None, flush_s: float = 1.0):
-        self.answer = answer
+    CHUNK = 1 << 16
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buffer = b""
+        self._offset = 0
+        self._poll = select.poll()  # not select.select: it refuses descriptors >= 1024
+        self._poll.register(sock, select.POLLIN)
+
+    def recv(self, length: int) -> bytes:
+        if self._offset >= len(self._buffer):
+            if length >= self.CHUNK:  # a large body: straight from the socket, without a second copy
+                return self.sock.recv(length)
+            self._buffer, self._offset = self.sock.recv(self.CHUNK), 0
+            if not self._buffer:
+                return b""  # the frontend closed the connection: the parser exits the worker
+        piece = self._buffer[self._offset:self._offset + length]
+        self._offset += len(piece)
+        return piece
+
+    def readable(self) -> bool:
+        """Whether a read would return at once: bytes left in the buffer, or waiting in the socket (or its end)."""
+        return self._offset < len(self._buffer) or bool(self._poll.poll(0))
+
+
+def is_describe(message: list[dict]) -> bool:
+    """TorchServe's `describe` call (GET /models/{name}?customized=true) carries the header describe=True."""
+    return any(h.get("name") == b"describe" for request in message for h in request.get("headers") or ())
+
+
+class DrainingWorker:
+    """The worker's loop in zero-wait mode, in place of TorchServe's asynchronous one.
+
+    One thread: read a request (blocking while the model is idle), then the requests already waiting on the
+    socket, run up to `max_batch` of them through the handler, send the answers, repeat. Requests that arrive
+    while the model runs wait in the socket and form the next batch. Beyond `max_pending` held requests, the newest
+    are answered 503 at once, as the frontend's job queue would; describe calls are never refused.
+
+    `answer(data, context) -> bodies` is the handler's `handle`; `refuse(data, context, error) -> bodies` answers
+    every request with `error` (when the worker is full, or when `answer` failed). Both set each request's status
+    on the context. The response message itself always says 200: TorchServe's frontend answers any other code by
+    failing every request the worker holds, queued ones included.
+    """
+
+    def __init__(self, config: ZeroWaitConfig, answer: Callable[[list, Any], list],
+                 refuse: Callable[[list, Any, BaseException], list]):
         self.config = config
-        self.flush = flush
-        self.flush_s = flush_s
-        self._calls: deque[_Call] = deque()
-        self._held = 0  # requests queued or running
-        self._runner: Optional[asyncio.Task] = None
-        self._flush_timer: Optional[asyncio.TimerHandle] = None
+        self.answer = answer
+        self.refuse = refuse
         self.batches = 0  # model runs so far (describe)
+        self.held = 0  # requests read and not yet answered
 
-    async def submit(self, requests: list[Request]) -> list[Answer]:
-        """Queue `requests` and return their answers, in order, once the runner has served them."""
-        if self._held + len(requests) > self.config.max_pending:
-            refusal = Overloaded(f"this worker already holds {self._held} requests "
-                                 f"(zero_wait.max_pending {self.config.max_pending}); retry later")
-            return [Answer.from_error(refusal) for _ in requests]
-        loop = asyncio.get_running_loop()
-        call = _Call(requests, loop.create_future())
-        self._calls.append(call)
-        self._held += len(requests)
-        if self._runner is None:  # the model is idle: this request starts it, now
-            self._runner = loop.create_task(self._run())
-        return await call.future
-
-    async def _run(self) -> None:
-        """Serve the queue until it is empty. It sees every request that arrived during the previous batch: those
-        were started (and queued themselves) before this task, created by the first of them, got the loop."""
+    def run(self, service: Any) -> Optional[str]:
+        """Serve `service`'s socket until the frontend disconnects (the worker process then exits, as TorchServe's
+        own loop does). Returns an error text for TorchServe's worker to raise, as AsyncService.run does."""
+        reader = BufferedSocket(service.cl_socket)
+        pending: deque[list[dict]] = deque()
         try:
-            while self._calls:
-                calls = self._take()
-                requests = [r for call in calls for r in call.requests]
-                try:
-                    answers = self.answer(requests)
-                except Exception as exc:  # `answer` answers per request; this only guards against its bugs
-                    logger.exception("zero-wait batch of %d requests failed", len(requests))
-                    answers = [Answer.from_error(exc) for _ in requests]
+            while True:
+                while not pending:
+                    self._read(reader, service, pending)
+                # Bounded, so that a flood of refusals cannot keep the model from running.
+                reads = 0
+                while reads < self.config.max_pending + self.config.max_batch and reader.readable():
+                    self._read(reader, service, pending)
+                    reads += 1
+                batch = self._take(pending)
+                response = self._respond(service, batch)
                 self.batches += 1
-                self._held -= len(requests)
-                offset = 0
-                for call in calls:
-                    if not call.future.done():
-                        call.future.set_result(answers[offset:offset + len(call.requests)])
-                    offset += len(call.requests)
-                if self.flush is not None and self._flush_timer is None:
-                    self._flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush)
-                # With a backlog, let the answered calls go out (and new ones queue up) before the next batch.
-                await asyncio.sleep(0)
-        finally:
-            self._runner = None
+                self.held -= len(batch)
+                service.cl_socket.sendall(response)
+        except ConnectionError:  # the frontend went away mid-write: it restarts the worker if it still wants one
+            logger.info("frontend disconnected")
+            sys.exit(0)
+        except Exception:  # a bug here must restart the worker loudly, not hang its requests
+            logger.exception("zero-wait worker loop failed")
+            return traceback.format_exc()
 
-    def _flush(self) -> None:
+    def _read(self, reader: BufferedSocket, service: Any, pending: deque) -> None:
+        command, message = retrieve_msg(reader)
+        if command != b"I" or not message:
+            logger.warning("zero-wait worker: unexpected command %r ignored", command)
+            return
+        if self.held + len(message) > self.config.max_pending and not is_describe(message):
+            refusal = Overloaded(f"this worker already holds {self.held} requests "
+                                 f"(zero_wait.max_pending {self.config.max_pending}); retry later")
+            service.cl_socket.sendall(self._respond(service, message, refusal))
+            return
+        pending.append(message)
+        self.held += len(message)
+
+    def _respond(self, service: Any, batch: list[dict], refusal: Optional[BaseException] = None) -> bytes:
+        """The response to `batch`: the handler's answers, or every request refused with `refusal`, or, when the
+        handler fails, every request answered with that failure."""
+        if refusal is not None:
+            return respond(service, batch, lambda data, context: self.refuse(data, context, refusal),
+                           timed=False)
         try:
-            self.flush()
-        except Exception:  # a broken metric must never break serving
-            logger.warning("flushing metrics failed", exc_info=True)
-        # Every second, like the thread it replaces: a shadow variant counts after the answer has gone.
-        self._flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush)
+            return respond(service, batch, self.answer)
+        except Exception as exc:  # the handlers answer per request; this only guards against their bugs
+            logger.exception("zero-wait batch of %d requests failed", len(batch))
+            return respond(service, batch, lambda data, context, error=exc: self.refuse(data, context, error),
+                           timed=False)
 
-    def _take(self) -> list[_Call]:
-        """The calls that fit into one model run, oldest first; a call larger than max_batch runs alone."""
-        calls = [self._calls.popleft()]
-        size = len(calls[0].requests)
-        while self._calls and size + len(self._calls[0].requests) <= self.config.max_batch:
-            size += len(self._calls[0].requests)
-            calls.append(self._calls.popleft())
-        return calls
+    def _take(self, pending: deque) -> list[dict]:
+        """The requests of one model run, oldest first: whole messages up to max_batch requests (a larger one runs
+        alone), and a describe call always alone (the handler reads it from the first request's headers)."""
+        batch = list(pending.popleft())
+        if is_describe(batch):
+            return batch
+        while pending and len(batch) + len(pending[0]) <= self.config.max_batch and not is_describe(pending[0]):
+            batch.extend(pending.popleft())
+        return batch
 
     def describe(self) -> dict:
         return {"mode": "zero_wait", "max_batch": self.config.max_batch, "max_pending": self.config.max_pending,
-                "held": self._held, "batches": self.batches}
+                "held": self.held, "batches": self.batches}
+
+    def install(self) -> None:
+        """Serve this worker process with this loop instead of TorchServe's asynchronous one.
+
+        TorchServe 0.12's AsyncService (ts/async_service.py) costs more than the model on a small one: three
+        threads and two thread hand-offs per request, a deep copy of the context, a `print` of the entry point and
+        an f-string of the whole message (body included) for every request. The handler is loaded before the
+        worker builds its AsyncService, and a worker process serves this one model, so replacing the class's
+        `run` here, in this process only, changes nothing for any other model. Its constructor still runs (it
+        only sets up queues this loop does not use).
+        """
+        from ts.async_service import AsyncService
+
+        worker = self
+        AsyncService.run = lambda service_wrapper: worker.run(service_wrapper.service)
 
 
-def copy_context_shallowly(context: Any) -> None:
-    """Make the per-request copy of the model's context that TorchServe's async worker takes a shallow one.
+def respond(service: Any, batch: list[dict], entry: Callable[[list, Any], list], timed: bool = True) -> bytes:
+    """One predict response for `batch`, from `entry(data, context)`, as TorchServe's Service.predict builds it
+    (request ids, headers, per-request statuses, the PredictionTime metric when `timed`), on the model's one
+    context.
 
-    Its `predict` deep-copies the context for every request, metrics cache and parsed metrics config included: a
-    fifth of the worker's busy time on the light CNN at 32 clients (py-spy). The copy exists so that each call
-    has its own request ids, headers and socket, and `predict` sets those on it afterwards; the handler sets
-    statuses and headers through the per-request objects those hold. A shallow copy gives each call the same.
-    Set on this one context object (copy.deepcopy honours an instance's `__deepcopy__`), not on TorchServe's class.
+    Raises:
+        Exception: whatever `entry` raised, or RuntimeError when it did not answer each request once.
     """
-    context.__deepcopy__ = lambda memo: copy.copy(context)
+    from ts.service import PREDICTION_METRIC, Service
+
+    headers, data, request_ids = Service.retrieve_data_for_inference(batch)
+    context = service.context
+    context.request_ids = request_ids
+    context.request_processor = headers
+    context.metrics.request_ids = request_ids
+    context.cl_socket = service.cl_socket
+    context.stopping_criteria = None  # set per batch by release_jobs; a stale one would mark the wrong answers
+    started = time.time()
+    count = len(data)
+    bodies = entry(data, context)
+    if not isinstance(bodies, list) or len(bodies) != len(request_ids):
+        raise RuntimeError(f"the handler returned {len(bodies) if isinstance(bodies, list) else type(bodies)} "
+                           f"answers for {count} requests")
+    if timed:
+        context.metrics.add_time(PREDICTION_METRIC, round((time.time() - started) * 1000, 2))
+    return create_predict_response(bodies, request_ids, "Prediction success", 200, context=context)
 
 
 def release_jobs(bodies: list, requests: list[Request], data: list, context: Any) -> list:
-    """Make TorchServe 0.12's frontend forget each answered HTTP request; returns the bodies `predict` must send.
+    """Make TorchServe 0.12's frontend forget each answered request; returns the bodies to send.
 
     Its AsyncBatchAggregator keeps every job it hands an async worker in a map, and removes one only when an answer
     carries `ts_stream_next: false` (the end of a streamed answer). A plain answer never does, so every request,
     its body included, would stay in the frontend's heap for good (checked with jmap: one RestJob per request).
-    Marking the answer itself as a stream end breaks it (the frontend then writes the body without a status line).
-    So each answer goes out whole, and right behind it, in the same message, an empty answer for the same request
-    id that says the stream ended: the frontend has already written the full response, its HTTP encoder refuses
-    the stray tail (nothing reaches the client, the connection is untouched) and the job is removed.
 
-    Only for HTTP requests (they carry a Host header): for a gRPC call the second answer would complete the call
-    twice, which makes the frontend drop its connection to the worker. gRPC jobs and describe calls are not
-    released; they are rare and small.
+    - An HTTP request (it carries a Host header): marking its answer as a stream end breaks it (the frontend then
+      writes the body without a status line). So the answer goes out whole, and right behind it, in the same
+      message, an empty answer for the same request id that says the stream ended: the frontend has already
+      written the full response, its HTTP encoder refuses the stray tail (nothing reaches the client, the
+      connection is untouched) and the job is removed.
+    - A gRPC call: its answer itself is marked. The frontend completes a gRPC predict or OIP infer call whatever
+      the flag says, and a second answer would complete it twice, which drops its connection to the worker.
 
-    `data`, `context.request_ids` and `context.request_processor` belong to this one `predict` call (TorchServe
-    deep-copies the context per call), and `predict` sends one answer per entry of `data`.
+    `data`, `context.request_ids` and `context.request_processor` belong to this one batch (`respond` sets them),
+    and one answer per entry of `data` is sent.
     """
     from ts.context import RequestProcessor
 
     http = [i for i, request in enumerate(requests) if "host" in request.headers]
-    if not http:
-        return bodies
     bodies = list(bodies)
-    keep_headers = [lambda _: None] * len(bodies)  # None: leave this answer's ts_stream_next unset
+    ends = [None if i in set(http) else True for i in range(len(bodies))]  # None: leave ts_stream_next unset
     for i in http:
         context.request_ids[len(bodies)] = context.request_ids[i]
         context.request_processor.append(RequestProcessor({}))
         data.append(None)
         bodies.append(b"")
+        ends.append(True)
     # TorchServe's hook for ending streams: True sets `ts_stream_next: false` on that answer.
-    context.stopping_criteria = keep_headers + [lambda _: True] * len(http)
+    context.stopping_criteria = [lambda _, end=end: end for end in ends]
     return bodies
+
+
+def release_described(context: Any) -> None:
+    """A describe call's answer ends its job itself: the frontend writes a describe answer whatever the flag says
+    (a twin would be written as a second response)."""
+    context.stopping_criteria = [lambda _: True]

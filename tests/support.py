@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
+import requests
 import torch
 import yaml
 
@@ -230,3 +231,28 @@ def int8_archive(int8_store: dict, artifact_id: str) -> str:
     entry = int8_store["entries"][artifact_id]
     assert entry.passed, (artifact_id, entry.error)
     return entry.archive
+
+
+# --- Open Inference Protocol requests (tests/integration/test_oip.py, test_oip_gateway.py) -------------------
+
+
+def digits_x(store: dict, rows: int) -> np.ndarray:
+    """The first `rows` digits samples of a store fixture (its "samples" file)."""
+    return np.load(store["samples"])["x"][:rows]
+
+
+def oip_tensor(name: str, array: np.ndarray, datatype: str, binary: bool = True) -> Any:
+    """tritonclient's InferInput holding `array`, in the binary tensor extension or as JSON."""
+    from tritonclient.http import InferInput
+
+    tensor = InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def oip_post(url: str, auth: dict, body: bytes, header_length: Optional[int] = None) -> requests.Response:
+    """POST a raw OIP body as a client would, with the Inference-Header-Content-Length of a binary one."""
+    headers = dict(auth)
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    return requests.post(url, data=body, headers=headers)

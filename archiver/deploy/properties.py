@@ -196,6 +196,12 @@ def metrics_config_text() -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+# "Sending response for jobId ..." per request (BatchAggregator), "Getting requests from model" per request in
+# asynchronous mode, "result=[METRICS]..." per metric line a worker prints (WorkerLifeCycle).
+PER_REQUEST_LOGGERS = ("org.pytorch.serve.wlm.BatchAggregator", "org.pytorch.serve.wlm.AsyncBatchAggregator",
+                       "org.pytorch.serve.wlm.WorkerLifeCycle")
+
+
 def log_config_text(access_log: bool) -> str:
     """A log4j2 config for TorchServe's frontend that does not tax serving.
 
@@ -204,7 +210,13 @@ def log_config_text(access_log: bool) -> str:
     a 2-worker light model from 284 to 627 requests/s. Kept: INFO and above in ts_log.log, the workers'
     output in model_log.log (tracebacks, tspack's placement lines), and the access log only when asked for.
     Metrics need no log files: metrics_mode=prometheus serves them from memory.
+
+    Quiet below WARN (PER_REQUEST_LOGGERS): the frontend classes that log an INFO line per request or per metric
+    line, each a synchronous write. WorkerThread's per-batch "Backend response time" stays (tests and operators
+    read which worker answered).
     """
+    quiet = "".join(f'    <Logger name="{name}" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>\n'
+                    for name in PER_REQUEST_LOGGERS)
     def rolling(name: str, pattern: str) -> str:
         return (f'    <RollingFile name="{name}" fileName="${{env:LOG_LOCATION:-logs}}/{name}.log" '
                 f'filePattern="${{env:LOG_LOCATION:-logs}}/{name}.%d{{dd-MMM}}.log.gz">\n'
@@ -223,7 +235,7 @@ def log_config_text(access_log: bool) -> str:
             '    <Logger name="TS_METRICS" level="off" additivity="false"/>\n'
             '    <Logger name="io.netty" level="error"/>\n    <Logger name="org.apache" level="off"/>\n'
             '    <Logger name="org.pytorch.serve" level="info" additivity="false">'
-            '<AppenderRef ref="ts_log"/></Logger>\n'
+            '<AppenderRef ref="ts_log"/></Logger>\n' + quiet +
             '    <Root level="warn"><AppenderRef ref="ts_log"/></Root>\n  </Loggers>\n</Configuration>\n')
 
 

@@ -190,7 +190,7 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
         handle.save()
         startup_models = [m.split("=", 1)[0] for m in props.get("load_models", "").split(",") if m and m != "ALL"]
         try:
-            gateway = _start_gateway(handle, props, gateway_socket) if gateway_socket else None
+            gateway = start_gateway(handle, props, gateway_socket) if gateway_socket else None
             wait_ready(handle, process, startup_models if wait_for_models else [], timeout_s)
             _check_gateway(handle, gateway)
         except BaseException:
@@ -199,8 +199,9 @@ def start(config_path: str, run_dir: str = DEFAULT_RUN_DIR, timeout_s: float = 1
     return handle
 
 
-def _start_gateway(handle: ServerHandle, props: dict, listening: socket.socket) -> subprocess.Popen:
-    """The OIP gateway on its bound socket, beside the TorchServe `handle` describes (recorded in the handle)."""
+def start_gateway(handle: ServerHandle, props: dict, listening: socket.socket) -> subprocess.Popen:
+    """The OIP gateway on its bound socket, beside the TorchServe `handle` describes (recorded in the handle); for
+    `start` and the image's entrypoint (docker/entrypoint.py)."""
     gateway = oip_process.spawn(
         listening, handle.run_dir, handle.inference_url, handle.management_url,
         os.path.abspath(props.get("model_store", "model_store")), handle.key_file,

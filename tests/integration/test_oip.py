@@ -14,12 +14,13 @@ import requests
 from archiver.deploy.properties import entry_from_archive, read_properties
 from archiver.operate.server import stop
 from tests import support
+from tests.support import digits_x, oip_tensor
 
 pytestmark = pytest.mark.integration
 httpclient = pytest.importorskip("tritonclient.http")
 grpc = pytest.importorskip("grpc")
 
-from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput  # noqa: E402
+from tritonclient.http import InferenceServerClient, InferRequestedOutput  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from archiver.operate.oip_grpc import OipGrpcClient, OipGrpcError  # noqa: E402
@@ -80,22 +81,9 @@ def server(store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def key(server) -> str:
-    with open(server.key_file) as f:
-        return json.load(f)["inference"]["key"]
-
-
-@pytest.fixture
-def auth(key) -> dict:
-    """A fresh dict per test: tritonclient's infer() writes its Inference-Header-Content-Length into `headers`."""
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def triton(server):
-    client = InferenceServerClient(server.inference_url.removeprefix("http://"))
-    yield client
-    client.close()
+def oip_url(server) -> str:
+    """TorchServe's own OIP routes, on its inference port (`key`, `auth`, `triton`: tests/integration/conftest.py)."""
+    return server.inference_url
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +92,6 @@ def grpc_client(server, key):
     client = OipGrpcClient(f"127.0.0.1:{port}", token=key)
     yield client
     client.close()
-
-
-def digits_x(digits_store, rows: int) -> np.ndarray:
-    return np.load(digits_store["samples"])["x"][:rows]
 
 
 def predictions_top1(server, auth, x: np.ndarray) -> list[int]:
@@ -151,8 +135,7 @@ def test_grpc_health_metadata_and_token(grpc_client, server):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_infer_equals_predictions(triton, server, auth, digits_store, binary):
     x = digits_x(digits_store, 5)
-    tensor = InferInput("input", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x, binary_data=binary)
+    tensor = oip_tensor("input", x, "FP32", binary)
     outputs = None if binary else [InferRequestedOutput("output", binary_data=False)]
     result = triton.infer("digits", [tensor], outputs=outputs, request_id="r-1", headers=dict(auth))
     logits = result.as_numpy("output")
@@ -168,9 +151,8 @@ def test_two_inputs_and_a_requested_output_subset(triton, auth, store):
 
     samples = np.load(store["pair_samples"])
     a, b = samples["a"][:3], samples["b"][:3]
-    inputs = [InferInput("b", [3, 2], "FP32"), InferInput("a", [3, 4], "FP32")]  # order is free: names count
-    inputs[0].set_data_from_numpy(b)
-    inputs[1].set_data_from_numpy(a, binary_data=False)
+    # order is free: names count
+    inputs = [oip_tensor("b", b, "FP32"), oip_tensor("a", a, "FP32", binary=False)]
     result = triton.infer("pair", inputs, outputs=[InferRequestedOutput("total")], parameters={"note": "kept"},
                           headers=dict(auth))
     model = store["pair_module"]()
@@ -205,17 +187,12 @@ def test_versioned_infer_goes_through_predictions(server, auth, digits_store):
 
 
 def raw_infer(server, auth, model: str, body: bytes, header_length=None) -> requests.Response:
-    headers = dict(auth)
-    if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-    return requests.post(f"{server.inference_url}/v2/models/{model}/infer", data=body, headers=headers)
+    return support.oip_post(f"{server.inference_url}/v2/models/{model}/infer", auth, body, header_length)
 
 
 def test_binary_sizes_that_disagree_with_the_payload_get_a_4xx(server, auth, digits_store):
     x = digits_x(digits_store, 1)
-    tensor = InferInput("input", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
-    body, length = InferenceServerClient.generate_request_body([tensor])
+    body, length = InferenceServerClient.generate_request_body([oip_tensor("input", x, "FP32")])
     response = raw_infer(server, auth, "digits", body[:-4], length)
     assert response.status_code == 400, response.text
     assert response.json()["type"] == "binary_size_mismatch"
@@ -237,8 +214,7 @@ def test_malformed_json_requests_get_a_typed_4xx(server, auth, model, inputs, st
 
 
 def test_tritonclient_shows_the_error_message(triton, auth):
-    tensor = InferInput("input", [1, 8, 7], "FP32")
-    tensor.set_data_from_numpy(np.zeros((1, 8, 7), np.float32))
+    tensor = oip_tensor("input", np.zeros((1, 8, 7), np.float32), "FP32")
     with pytest.raises(InferenceServerException, match="must have shape"):
         triton.infer("digits", [tensor], headers=auth)
 

@@ -21,11 +21,12 @@ from archiver.deploy.properties import entry_from_archive
 from archiver.operate import oip_process
 from archiver.operate.server import ServerHandle, free_ports, start, stop
 from tests import support
+from tests.support import digits_x, oip_tensor
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("tritonclient.http")
 
-from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput  # noqa: E402
+from tritonclient.http import InferenceServerClient, InferRequestedOutput  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -71,22 +72,10 @@ def server(store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def key(server) -> str:
-    with open(server.key_file, encoding="utf-8") as f:
-        return json.load(f)["inference"]["key"]
-
-
-@pytest.fixture
-def auth(key) -> dict:
-    """A fresh dict per call site: tritonclient's infer() writes its Inference-Header-Content-Length into it."""
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def triton(server):
-    client = InferenceServerClient(server.oip_url.removeprefix("http://"))
-    yield client
-    client.close()
+def oip_url(server) -> str:
+    """The gateway, not TorchServe: every OIP call of this module goes through it (`key`, `auth`, `triton`:
+    tests/integration/conftest.py)."""
+    return server.oip_url
 
 
 def predictions(server, auth, model: str, body: dict, version: str = "") -> dict:
@@ -101,16 +90,6 @@ def oip_body(**arrays: np.ndarray) -> dict:
     datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
     return {"inputs": [{"name": n, "shape": list(a.shape), "datatype": datatypes[a.dtype], "data": a.ravel().tolist()}
                        for n, a in arrays.items()]}
-
-
-def tensor(name: str, array: np.ndarray, datatype: str, binary: bool) -> InferInput:
-    t = InferInput(name, list(array.shape), datatype)
-    t.set_data_from_numpy(array, binary_data=binary)
-    return t
-
-
-def digits_x(store, rows: int) -> np.ndarray:
-    return np.load(store["samples"])["x"][:rows]
 
 
 # --- probes and metadata ----------------------------------------------------------------------------------
@@ -170,7 +149,7 @@ def test_server_ready_waits_for_every_models_worker(server, triton):
 def test_tensor_infer_through_the_gateway_equals_predictions(triton, server, auth, store, binary):
     x = digits_x(store, 5)
     outputs = None if binary else [InferRequestedOutput("output", binary_data=False)]
-    result = triton.infer("digits", [tensor("input", x, "FP32", binary)], outputs=outputs, request_id="g-1",
+    result = triton.infer("digits", [oip_tensor("input", x, "FP32", binary)], outputs=outputs, request_id="g-1",
                           headers=dict(auth))
     direct = predictions(server, auth, "digits", oip_body(input=x))["outputs"][0]
     np.testing.assert_allclose(result.as_numpy("output"), np.reshape(direct["data"], direct["shape"]), atol=1e-5)
@@ -185,7 +164,7 @@ def test_tensor_infer_through_the_gateway_equals_predictions(triton, server, aut
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_two_inputs_through_the_gateway_equal_predictions(triton, server, auth, store, binary):
-    inputs = [tensor("attention_mask", MASK, "INT64", binary), tensor("input_ids", IDS, "INT64", binary)]
+    inputs = [oip_tensor("attention_mask", MASK, "INT64", binary), oip_tensor("input_ids", IDS, "INT64", binary)]
     result = triton.infer("sequence", inputs, outputs=[InferRequestedOutput(n, binary_data=binary)
                                                        for n in ("logits", "pooled")], headers=dict(auth))
     by_name = predictions(server, auth, "sequence", {"input_ids": IDS.tolist(), "attention_mask": MASK.tolist()})
@@ -202,7 +181,7 @@ def test_two_inputs_through_the_gateway_equal_predictions(triton, server, auth, 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_text_through_the_gateway_equals_predictions(triton, server, auth, binary):
     texts = np.array([t.encode("utf-8") for t in TEXTS], dtype=np.object_)
-    result = triton.infer("sentiment", [tensor("TEXT", texts, "BYTES", binary)],
+    result = triton.infer("sentiment", [oip_tensor("TEXT", texts, "BYTES", binary)],
                           outputs=[InferRequestedOutput("logits", binary_data=binary)], headers=dict(auth))
     logits = result.as_numpy("logits")
     direct = predictions(server, auth, "sentiment", {"inputs": [
@@ -218,7 +197,7 @@ def test_text_through_the_gateway_equals_predictions(triton, server, auth, binar
 def test_versioned_infer_picks_that_version(triton, auth, store):
     x = digits_x(store, 3)
     for version in ("2.0", "1.0"):
-        result = triton.infer("digits", [tensor("input", x, "FP32", True)], model_version=version,
+        result = triton.infer("digits", [oip_tensor("input", x, "FP32")], model_version=version,
                               headers=dict(auth))
         assert result.get_response()["model_version"] == version
         np.testing.assert_allclose(result.as_numpy("output"), support.eager_outputs(store["weights"][version], x),
@@ -231,14 +210,11 @@ def test_versioned_infer_picks_that_version(triton, auth, store):
 
 
 def gateway_post(server, auth, path: str, body: bytes, header_length=None) -> requests.Response:
-    headers = dict(auth)
-    if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-    return requests.post(server.oip_url + path, data=body, headers=headers)
+    return support.oip_post(server.oip_url + path, auth, body, header_length)
 
 
 def binary_digits_body(store) -> tuple[bytes, int]:
-    return InferenceServerClient.generate_request_body([tensor("input", digits_x(store, 1), "FP32", True)])
+    return InferenceServerClient.generate_request_body([oip_tensor("input", digits_x(store, 1), "FP32")])
 
 
 BAD = {
@@ -277,11 +253,11 @@ def test_malformed_requests_get_a_4xx_with_an_oip_error_body(server, auth, store
 
 def test_refusals_reach_tritonclient_and_the_connection_keeps_serving(triton, auth, store):
     with pytest.raises(InferenceServerException, match="must have shape"):
-        triton.infer("digits", [tensor("input", np.zeros((1, 8, 7), np.float32), "FP32", True)], headers=dict(auth))
+        triton.infer("digits", [oip_tensor("input", np.zeros((1, 8, 7), np.float32), "FP32")], headers=dict(auth))
     with pytest.raises(InferenceServerException, match="Token Authorization failed"):
-        triton.infer("digits", [tensor("input", digits_x(store, 1), "FP32", True)])
+        triton.infer("digits", [oip_tensor("input", digits_x(store, 1), "FP32")])
     x = digits_x(store, 1)
-    result = triton.infer("digits", [tensor("input", x, "FP32", True)], headers=dict(auth))
+    result = triton.infer("digits", [oip_tensor("input", x, "FP32")], headers=dict(auth))
     np.testing.assert_allclose(result.as_numpy("output"), support.eager_outputs(store["weights"]["1.0"], x),
                                atol=1e-4)
 

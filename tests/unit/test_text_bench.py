@@ -86,6 +86,10 @@ def test_variants_name_their_archives_and_the_first_is_also_padded_to_max_length
     assert [v.key for v in settings.variants()] == [LONGEST.key, OTHER.key, PADDED.key]
     assert PADDED.name == "bert-max-length-w2t1-b16d5" and LONGEST.label == "2w x 1t, batch 16/5ms"
     assert LONGEST.serving() == {"workers": 2, "intra_op_threads": 1, "batch_size": 16, "max_batch_delay_ms": 5}
+    zero_wait = tb.Variant("longest", 2, 1, 16)
+    assert (zero_wait.name, zero_wait.label) == ("bert-longest-w2t1-zw16", "2w x 1t, zero-wait batch 16")
+    assert zero_wait.serving() == {"workers": 2, "intra_op_threads": 1, "batch_size": 16, "batching": "zero_wait"}
+    assert tb.Settings().tspack[0] == zero_wait, "the first configuration is tspack build's default batching"
     assert tb.parse_args(["--quick"]).tspack == (tb.Settings().tspack[0],)
     assert tb.parse_args(["--rounds", "1"]).rounds == 2  # one round has no spread
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import yaml
 
-from archiver.operate.tune.load import Level
+from archiver.operate.tune.load import EXAMPLE_REQUESTS, Level, request_body
 from archiver.operate.tune.measure import Trial
 from archiver.operate.tune.report import plot, table_rows
 from archiver.operate.tune.search import Search, TuneSettings, dimensions, meets_slo, pareto, winner
 from archiver.operate.tune.space import Config, Runtime, batchings, pick_model, worker_layouts, write_tuned_spec
-from archiver.spec import DeploySpec, ServingSpec
+from archiver.spec import DeploySpec, SamplesSpec, ServingSpec
+from archiver.zoo.text_classifier import train_wordpiece
 from handlers.errors import SpecError
-from handlers.spec import parse
+from handlers.frontends import frontend_for
+from handlers.registry import FRONTENDS
+from handlers.request import Request
+from handlers.spec import ArtifactManifest, ImageSpec, InputSpec, RuntimeSpec, TextSpec, parse
 
 TS = Runtime("torchscript (m)", "/store/m_v1.0.mar")
 ONNX = Runtime("onnx (m-onnx)", "/store/m-onnx_v1.0.mar")
@@ -167,3 +172,54 @@ def test_report_table_and_plot(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000
+
+
+def test_every_front_end_has_an_example_request():
+    """tune's body is looked up by the archive's front end: a front end without one could not be tuned."""
+    assert list(EXAMPLE_REQUESTS) == list(FRONTENDS)
+
+
+def served(frontend: str, inputs: tuple[InputSpec, ...], **fields) -> ArtifactManifest:
+    return ArtifactManifest(name="m", version="1.0", frontend=frontend, inputs=inputs,
+                            runtime=RuntimeSpec(format="onnx", file="model.onnx", sha256="0" * 64), **fields)
+
+
+def decoded(manifest: ArtifactManifest, folder: str, samples=None, model_dir: str = "") -> dict[str, np.ndarray]:
+    """The tune body as the archive's own front end decodes it: what every request of a tuning run sends."""
+    body = request_body(manifest, folder, samples)
+    assert body.path == os.path.join(folder, "body")
+    with open(body.path, "rb") as f:
+        return frontend_for(manifest, model_dir).decode(Request(f.read(), body.content_type)).inputs
+
+
+def test_tensor_body_is_the_first_sample_or_zeros(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) + 0.5
+    np.savez(tmp_path / "samples.npz", x=x)
+    one = served("tensor", (InputSpec(shape=(4,)),))
+    got = decoded(one, str(tmp_path), SamplesSpec(file=str(tmp_path / "samples.npz")))
+    np.testing.assert_array_equal(got["input"], x[:1])
+    assert not decoded(one, str(tmp_path))["input"].any(), "no samples: zeros"
+
+    two = served("tensor", (InputSpec(shape=(-1,), dtype="int64", name="input_ids"),
+                            InputSpec(shape=(-1,), dtype="int64", name="attention_mask")))
+    got = decoded(two, str(tmp_path))
+    assert {name: (a.shape, a.dtype.name) for name, a in got.items()} == {
+        "input_ids": ((1, 8), "int64"), "attention_mask": ((1, 8), "int64")}, "free axes get length 8"
+
+
+def test_image_body_is_a_gray_image_of_the_declared_size(tmp_path):
+    manifest = served("image", (InputSpec(shape=(1, 6, 10)),), image=ImageSpec(height=6, width=10, mode="L"))
+    got = decoded(manifest, str(tmp_path))["input"]
+    assert got.shape == (1, 1, 6, 10)
+    np.testing.assert_allclose(got, 128 / 255, rtol=1e-6)
+
+
+def test_text_body_is_the_first_sample_text(tmp_path):
+    tokenizer = train_wordpiece(["a good film", "a bad film", "a short example sentence"] * 4, vocab_size=60)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    manifest = served("text", (InputSpec(shape=(-1,), dtype="int64", name="input_ids"),
+                               InputSpec(shape=(-1,), dtype="int64", name="attention_mask")), text=TextSpec())
+    got = decoded(manifest, str(tmp_path), SamplesSpec(texts=("good film", "bad film")), str(tmp_path))
+    assert got["input_ids"].tolist() == [tokenizer.encode("good film").ids]
+    stock = decoded(manifest, str(tmp_path), None, str(tmp_path))
+    assert stock["input_ids"].tolist() == [tokenizer.encode("a short example sentence").ids]

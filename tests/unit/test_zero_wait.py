@@ -1,13 +1,16 @@
-"""Zero-wait batching without a server: the spec setting, model-config.yaml, the queue, and the handlers driven the
-way TorchServe's async worker drives them (a deep copy of the context per call, every call awaited on one loop)."""
+"""Zero-wait batching without a server: the spec setting, model-config.yaml, and the worker loop on a real socket pair,
+fed TorchServe's own message frames, with stub answers and with the real handlers."""
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import json
 import os
 import shutil
+import socket
+import struct
+import tempfile
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,11 +19,10 @@ from archiver.package.archive import model_config
 from archiver.spec import DEFAULT_BATCHING, DeploySpec, ServingSpec
 from handlers.ab_router import VARIANT_HEADER, ABRouterHandler
 from handlers.errors import ModelLoadError, SpecError
-from handlers.pipeline import Answer
 from handlers.request import Request
 from handlers.spec import parse
 from handlers.tensor import TensorHandler
-from handlers.zero_wait import ZeroWaitBatcher, ZeroWaitConfig, release_jobs, zero_wait_config
+from handlers.zero_wait import DrainingWorker, ZeroWaitConfig, release_jobs, zero_wait_config
 from tests import support
 
 JSON = "application/json"
@@ -76,87 +78,241 @@ def test_async_switch_without_settings_gets_defaults_and_bad_settings_fail_the_l
         zero_wait_config({"asyncCommunication": True, "handler": {"zero_wait": {"max_batch": 8, "max_pending": 4}}})
 
 
-# --- the queue ---------------------------------------------------------------------------------------------------
+# --- the worker loop, fed TorchServe's frames over a socket pair ---------------------------------------------------
 
 
-def counting_answer(runs: list):
-    """An `answer` that records each batch's size and answers every request with its batch's size."""
-    def answer(requests: list[Request]) -> list[Answer]:
-        runs.append(len(requests))
-        return [Answer(200, {"batch": len(requests), "payload": r.payload}) for r in requests]
-    return answer
+def frame(request_id: str, payload: bytes, headers: dict | None = None, more: tuple = ()) -> bytes:
+    """An inference message as TorchServe's frontend writes it, in the layout ts/protocol/otf_message_handler.py
+    reads: in asynchronous mode one request per message; `more` (id, payload) pairs make it a batch."""
+    def sized(data: bytes) -> bytes:
+        return struct.pack("!i", len(data)) + data
+
+    def request(rid: str, data: bytes, hdrs: dict) -> bytes:
+        out = sized(rid.encode())
+        for name, value in hdrs.items():
+            out += sized(name.encode()) + sized(value.encode())
+        return out + struct.pack("!i", -1) + sized(b"body") + sized(JSON.encode()) + sized(data) + struct.pack("!i", -1)
+
+    requests = [request(request_id, payload, headers or {})] + [request(r, d, {}) for r, d in more]
+    return b"I" + b"".join(requests) + struct.pack("!i", -1)
 
 
-def test_queue_runs_the_first_request_alone_then_takes_what_queued_up_to_max_batch():
-    runs: list[int] = []
-    batcher = ZeroWaitBatcher(counting_answer(runs), ZeroWaitConfig(max_batch=4, max_pending=100))
-
-    async def scenario():
-        lone = await batcher.submit([Request(payload=0)])
-        # 10 calls arrive together (TorchServe starts each as its own task on the loop).
-        burst = await asyncio.gather(*(batcher.submit([Request(payload=i)]) for i in range(1, 11)))
-        return lone, burst
-
-    lone, burst = asyncio.run(scenario())
-    assert lone[0].body == {"batch": 1, "payload": 0}
-    assert runs == [1, 4, 4, 2]
-    assert [answers[0].body["payload"] for answers in burst] == list(range(1, 11)), "each call gets its own answer"
-    assert batcher.describe()["held"] == 0 and batcher.describe()["batches"] == 4
+def is_twin(prediction: dict) -> bool:
+    """The empty end-of-stream answer that follows an HTTP answer (handlers/zero_wait.release_jobs)."""
+    return prediction["headers"].get("ts_stream_next") == "false" and prediction["body"] == b""
 
 
-def test_a_call_larger_than_max_batch_runs_alone_and_whole():
-    runs: list[int] = []
-    batcher = ZeroWaitBatcher(counting_answer(runs), ZeroWaitConfig(max_batch=2, max_pending=10))
+class Frontend:
+    """The frontend's end of the worker socket: writes frames, reads predict responses."""
 
-    async def scenario():
-        return await asyncio.gather(batcher.submit([Request(payload=i) for i in range(3)]),
-                                    batcher.submit([Request(payload=9)]))
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.file = sock.makefile("rb")
 
-    big, small = asyncio.run(scenario())
-    assert runs == [3, 1] and [a.body["payload"] for a in big] == [0, 1, 2] and small[0].body["payload"] == 9
+    def send(self, *frames: bytes) -> None:
+        self.sock.sendall(b"".join(frames))
 
+    def _int(self) -> int:
+        return struct.unpack("!i", self.file.read(4))[0]
 
-def test_over_max_pending_the_worker_answers_503_at_once():
-    runs: list[int] = []
-    batcher = ZeroWaitBatcher(counting_answer(runs), ZeroWaitConfig(max_batch=4, max_pending=6))
+    def _bytes(self) -> bytes:
+        return self.file.read(self._int())
 
-    async def scenario():
-        return await asyncio.gather(*(batcher.submit([Request(payload=i)]) for i in range(9)))
+    def response(self) -> list[dict]:
+        """The predictions of one response message: id, status, headers, body. The message's own code must be 200:
+        the frontend fails every request the worker holds on any other."""
+        code = self._int()
+        message = self._bytes()
+        assert code == 200, (code, message)
+        predictions = []
+        while (length := self._int()) != -1:
+            request_id = self.file.read(length).decode()
+            self._bytes()  # content type
+            status = self._int()
+            self._bytes()  # reason phrase
+            headers = {self._bytes().decode(): self._bytes().decode() for _ in range(self._int())}
+            predictions.append({"id": request_id, "status": status, "headers": headers, "body": self._bytes()})
+        return predictions
 
-    answers = [a[0] for a in asyncio.run(scenario())]
-    assert [a.status for a in answers] == [200] * 6 + [503] * 3
-    assert answers[-1].error_type == "overloaded" and "zero_wait.max_pending 6" in answers[-1].body["error"]
-    assert sum(runs) == 6
-
-
-def test_a_failing_answer_costs_its_batch_an_error_answer_not_the_loop():
-    def broken(requests):
-        raise RuntimeError("decoder bug")
-
-    batcher = ZeroWaitBatcher(broken, ZeroWaitConfig(max_batch=4))
-
-    async def scenario():
-        first = await batcher.submit([Request(payload=1)])
-        return first, await batcher.submit([Request(payload=2)])
-
-    first, second = asyncio.run(scenario())
-    assert first[0].status == 500 and "decoder bug" in first[0].body["error"] and second[0].status == 500
-
-
-def test_metrics_are_flushed_on_the_loop_every_flush_period():
-    flushes: list[int] = []
-    batcher = ZeroWaitBatcher(counting_answer([]), ZeroWaitConfig(), flush=lambda: flushes.append(1), flush_s=0.01)
-
-    async def scenario():
-        await batcher.submit([Request(payload=1)])
-        while len(flushes) < 2:  # the timer re-arms itself; the test ends when it has fired twice
-            await asyncio.sleep(0.005)
-
-    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
-    assert len(flushes) >= 2
+    def answers(self, count: int) -> dict[str, dict]:
+        """Read responses until `count` requests have their answer (stream-end twins set aside); by request id."""
+        found: dict[str, dict] = {}
+        while len(found) < count:
+            for prediction in self.response():
+                if not is_twin(prediction):
+                    found[prediction["id"]] = prediction
+        return found
 
 
-# --- the handlers, driven like TorchServe's async worker -----------------------------------------------------------
+def metrics_cache():
+    """A worker's metrics cache, with the metrics config `tspack config` writes (TorchServe's plus tspack's)."""
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    from archiver.deploy.properties import metrics_config_text
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(metrics_config_text())
+    metrics = MetricsCacheYamlImpl(f.name)
+    metrics.initialize_cache()
+    os.unlink(f.name)
+    return metrics
+
+
+def context_for():
+    from ts.context import Context
+
+    return Context("stub", "/nonexistent", {"model": {}}, 1, None, "0.12.0", metrics=metrics_cache())
+
+
+@pytest.fixture
+def wire(monkeypatch):
+    """(frontend, worker socket); the worker's loop ends when the frontend's end closes. Bodies reach the handler as
+    bytes, as with tspack's decode_input_request=false."""
+    monkeypatch.setenv("TS_DECODE_INPUT_REQUEST", "false")
+    frontend_end, worker_end = socket.socketpair()
+    yield Frontend(frontend_end), worker_end
+    frontend_end.close()
+
+
+def serve(worker: DrainingWorker, worker_end: socket.socket, context) -> threading.Thread:
+    def run() -> None:
+        try:
+            worker.run(SimpleNamespace(context=context, cl_socket=worker_end))
+        except SystemExit:  # TorchServe's message parser exits the worker once the frontend hangs up
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+class StubModel:
+    """`answer(data, context)`: records each batch's size; the first batch waits for `release` so that requests
+    queue up behind a busy model."""
+
+    def __init__(self, fail: bool = False):
+        self.runs: list[int] = []
+        self.running = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+
+    def answer(self, data: list, context) -> list:
+        self.runs.append(len(data))
+        self.running.set()
+        assert self.release.wait(30)
+        if self.fail:
+            raise RuntimeError("decoder bug")
+        return [json.dumps({"batch": len(data), "payload": d["body"].decode()}) for d in data]
+
+    @staticmethod
+    def refuse(data: list, context, error: BaseException) -> list:
+        status = 503 if "max_pending" in str(error) else 500
+        for i in range(len(data)):
+            context.set_response_status(status, type(error).__name__, i)
+        return [json.dumps({"error": str(error)}) for _ in data]
+
+
+def test_loop_runs_a_lone_request_at_once_then_takes_what_waited_up_to_max_batch(wire):
+    frontend, worker_end = wire
+    model = StubModel()
+    worker = DrainingWorker(ZeroWaitConfig(max_batch=4, max_pending=100), model.answer, model.refuse)
+    serve(worker, worker_end, context_for())
+    frontend.send(frame("r0", b"0"))
+    assert model.running.wait(30), "a lone request runs without waiting for company"
+    frontend.send(*(frame(f"r{i}", str(i).encode()) for i in range(1, 11)))  # arrive while the model is busy
+    model.release.set()
+    answers = frontend.answers(11)
+    assert model.runs == [1, 4, 4, 2]
+    assert [json.loads(answers[f"r{i}"]["body"])["payload"] for i in range(11)] == [str(i) for i in range(11)]
+    assert worker.describe() == {"mode": "zero_wait", "max_batch": 4, "max_pending": 100, "held": 0, "batches": 4}
+
+
+def test_a_message_larger_than_max_batch_runs_alone_and_whole(wire):
+    frontend, worker_end = wire
+    model = StubModel()
+    model.release.set()
+    serve(DrainingWorker(ZeroWaitConfig(max_batch=2, max_pending=10), model.answer, model.refuse), worker_end,
+          context_for())
+    frontend.send(frame("big0", b"0", more=(("big1", b"1"), ("big2", b"2"))))
+    assert len(frontend.answers(3)) == 3 and model.runs == [3]
+
+
+def test_over_max_pending_the_newest_get_503_at_once(wire):
+    frontend, worker_end = wire
+    model = StubModel()
+    worker = DrainingWorker(ZeroWaitConfig(max_batch=4, max_pending=6), model.answer, model.refuse)
+    serve(worker, worker_end, context_for())
+    frontend.send(frame("r0", b"0"))
+    assert model.running.wait(30)
+    frontend.send(*(frame(f"r{i}", b"x") for i in range(1, 10)))
+    model.release.set()
+    answers = frontend.answers(10)
+    statuses = [answers[f"r{i}"]["status"] for i in range(10)]
+    assert statuses == [200] * 7 + [503] * 3, "r1..r6 fit (6 held), r7..r9 are refused"
+    assert model.runs == [1, 4, 2] and worker.held == 0
+
+
+def test_a_failing_batch_gets_an_error_per_request_and_the_loop_goes_on(wire):
+    frontend, worker_end = wire
+    model = StubModel(fail=True)
+    model.release.set()
+    serve(DrainingWorker(ZeroWaitConfig(max_batch=4), model.answer, model.refuse), worker_end, context_for())
+    frontend.send(frame("r0", b"0", more=(("r1", b"1"),)))
+    failed = frontend.response()  # the message itself says 200 (checked by `response`)
+    assert [(p["id"], p["status"]) for p in failed] == [("r0", 500), ("r1", 500)]
+    assert "decoder bug" in json.loads(failed[0]["body"])["error"]
+    frontend.send(frame("r2", b"2"))
+    assert frontend.response()[0]["status"] == 500 and model.runs == [2, 1]
+
+
+def test_a_handler_that_miscounts_its_answers_gets_errors_not_a_dead_loop(wire):
+    frontend, worker_end = wire
+    serve(DrainingWorker(ZeroWaitConfig(max_batch=4), lambda data, context: [b"only one"], StubModel.refuse),
+          worker_end, context_for())
+    frontend.send(frame("r0", b"0", more=(("r1", b"1"),)))
+    answers = frontend.response()
+    assert [p["status"] for p in answers] == [500, 500]
+    assert "returned 1 answers for 2 requests" in json.loads(answers[0]["body"])["error"]
+
+
+def test_an_empty_message_is_skipped_and_a_large_body_crosses_buffer_refills(wire):
+    frontend, worker_end = wire
+    model = StubModel()
+    model.release.set()
+    serve(DrainingWorker(ZeroWaitConfig(max_batch=4), model.answer, model.refuse), worker_end, context_for())
+    large = b"7" * 200_000  # three 64 KiB refills, and more
+    frontend.send(b"I" + struct.pack("!i", -1), frame("big", large), frame("small", b"s"))
+    answers = frontend.answers(2)
+    assert json.loads(answers["big"]["body"])["payload"] == large.decode()
+    assert json.loads(answers["small"]["body"])["payload"] == "s"
+
+
+def test_a_describe_call_is_never_refused(wire):
+    frontend, worker_end = wire
+    model = StubModel()
+    serve(DrainingWorker(ZeroWaitConfig(max_batch=1, max_pending=1), model.answer, model.refuse), worker_end,
+          context_for())
+    frontend.send(frame("r0", b"0"))
+    assert model.running.wait(30)
+    frontend.send(frame("r1", b"1"), frame("r2", b"2"), frame("d", b"", {"describe": "True"}))
+    model.release.set()
+    answers = frontend.answers(4)
+    assert [answers[k]["status"] for k in ("r0", "r1", "r2", "d")] == [200, 200, 503, 200]
+
+
+def test_a_describe_call_runs_alone(wire):
+    frontend, worker_end = wire
+    model = StubModel()
+    serve(DrainingWorker(ZeroWaitConfig(max_batch=8), model.answer, model.refuse), worker_end, context_for())
+    frontend.send(frame("r0", b"0"))
+    assert model.running.wait(30)
+    frontend.send(frame("r1", b"1"), frame("d", b"", {"describe": "True"}), frame("r2", b"2"))
+    model.release.set()
+    frontend.answers(4)
+    assert model.runs == [1, 1, 1, 1]
+
+
+# --- the handlers, driven by the loop -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -169,55 +325,85 @@ def zero_wait_dir(digits_store, tmp_path_factory):
     return support.extract(os.path.join(store, "digits_v1.0.mar"), str(root / "model"))
 
 
-def calls(handler, context, bodies, headers=None):
-    """Each body as its own `predict` call: a deep copy of the context (as ts/async_service.py takes), then handle."""
-    made = []
-    for i, item in enumerate(bodies):
-        own = copy.deepcopy(context)
-        data = support.torchserve_batch(own, [item], [headers[i]] if headers else None)
-        made.append((own, data, handler.handle(data, own)))
-    return made
+def run_handler(handler, wire) -> None:
+    _, worker_end = wire
+    serve(handler.zero_wait, worker_end, handler.context)
 
 
-async def answered(made):
-    return await asyncio.gather(*(coroutine for _, _, coroutine in made))
+def test_handler_installs_its_loop_in_place_of_torchserve_s(zero_wait_dir, monkeypatch):
+    from ts.async_service import AsyncService
 
-
-def test_handler_answers_a_mixed_burst_per_call(zero_wait_dir):
+    monkeypatch.setattr(AsyncService, "run", AsyncService.run)  # put back after the test
     h = TensorHandler()
-    h.initialize(support.make_context(zero_wait_dir))
-    bodies = [(body(i), JSON) if i % 3 else (b'{"data": [1,', JSON) for i in range(12)]
-    made = calls(h, h.context, bodies, headers=[{"host": "127.0.0.1"}] * 12)
-    outs = asyncio.run(answered(made))
-    for i, ((own, data, _), out) in enumerate(zip(made, outs)):
-        assert support.statuses(own, 1) == [200 if i % 3 else 400]
-        assert json.loads(out[0])["model" if i % 3 else "type"] == ("digits" if i % 3 else "malformed_json")
-        assert out[1:] == [b""] and len(data) == 2, "an HTTP request's answer has its end-of-stream twin"
-    assert h.batcher.describe()["batches"] == 2, "12 calls at once: one batch of 8, then 4"
-    assert h.context.request_ids is None, "each call had a copy of its own"
+    h.initialize(support.make_context(zero_wait_dir, metrics=metrics_cache()))
+    assert h.zero_wait is not None and h.zero_wait.config == ZeroWaitConfig(max_batch=8, max_pending=100)
+    assert AsyncService.run.__qualname__.startswith("DrainingWorker.install")
 
 
-def test_describe_in_zero_wait_mode(zero_wait_dir):
+def test_handler_answers_a_mixed_burst_per_request(zero_wait_dir, wire):
+    frontend, _ = wire
     h = TensorHandler()
-    h.initialize(support.make_context(zero_wait_dir))
-    own = copy.deepcopy(h.context)
-    data = support.torchserve_batch(own, [(b"", JSON)], [{"describe": "True"}])
-    out = asyncio.run(h.handle(data, own))
-    assert json.loads(out[0])["batching"]["mode"] == "zero_wait" and len(out) == 1, "describe gets no twin"
+    h.initialize(support.make_context(zero_wait_dir, metrics=metrics_cache()))
+    run_handler(h, wire)
+    frontend.send(*(frame(f"r{i}", body(i) if i % 3 else b'{"data": [1,', {"host": "127.0.0.1"})
+                    for i in range(12)))
+    twins: list[str] = []
+    answers: dict[str, dict] = {}
+    while len(answers) < 12 or len(twins) < 12:
+        for p in frontend.response():
+            (twins.append(p["id"]) if is_twin(p) else answers.update({p["id"]: p}))
+    for i in range(12):
+        out = json.loads(answers[f"r{i}"]["body"])
+        assert answers[f"r{i}"]["status"] == (200 if i % 3 else 400)
+        assert out["model" if i % 3 else "type"] == ("digits" if i % 3 else "malformed_json")
+    assert sorted(twins) == sorted(answers), "every HTTP answer has its end-of-stream twin"
 
 
-def test_release_jobs_marks_only_the_twins_and_only_for_http(zero_wait_dir):
+def test_describe_in_zero_wait_mode(zero_wait_dir, wire):
+    frontend, _ = wire
+    h = TensorHandler()
+    h.initialize(support.make_context(zero_wait_dir, metrics=metrics_cache()))
+    run_handler(h, wire)
+    frontend.send(frame("d", b"", {"describe": "True"}))
+    predictions = frontend.response()
+    assert len(predictions) == 1, "describe gets no twin (the frontend would write it as a second response)"
+    assert predictions[0]["headers"]["ts_stream_next"] == "false", "its answer ends the job itself"
+    assert json.loads(predictions[0]["body"])["batching"]["mode"] == "zero_wait"
+
+
+def test_a_refused_oip_grpc_call_gets_a_body_the_bridge_can_read(zero_wait_dir, wire):
+    """TorchServe's OIP gRPC bridge reads every answer as an OIP response; an `{"error": ...}` body kills the
+    worker, so a refusal must be OIP-shaped too."""
+    frontend, _ = wire
+    h = TensorHandler()
+    h.initialize(support.make_context(zero_wait_dir, metrics=metrics_cache()))
+    h.zero_wait.config = ZeroWaitConfig(max_batch=1, max_pending=1)
+    run_handler(h, wire)
+    oip = json.dumps({"id": "call-7", "model_name": "digits", "inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}).encode()
+    frontend.send(*(frame(f"g{i}", oip) for i in range(6)))  # the bridge's calls carry no headers at all
+    answers = frontend.answers(6)
+    refused = [a for a in answers.values() if a["status"] == 503]
+    assert refused, "six calls at once on a worker that holds one: some are refused"
+    for answer in answers.values():
+        assert answer["headers"]["ts_stream_next"] == "false", "a gRPC answer ends its job itself, without a twin"
+    body = json.loads(refused[0]["body"])
+    assert body["id"] == "call-7" and body["model_name"] == "digits" and body["outputs"][0]["name"] == "error"
+
+
+def test_release_jobs_twins_http_answers_and_marks_grpc_answers_themselves(zero_wait_dir):
     from ts.protocol.otf_message_handler import create_predict_response
 
-    context = copy.deepcopy(support.make_context(zero_wait_dir))
+    context = support.make_context(zero_wait_dir)
     data = support.torchserve_batch(context, [(b"a", JSON), (b"b", JSON)], [{"host": "h"}, {}])
     requests = [Request(payload=b"a", headers={"host": "h"}), Request(payload=b"b")]  # the second came over gRPC
     bodies = release_jobs([b"A", b"B"], requests, data, context)
     assert bodies == [b"A", b"B", b""] and len(data) == 3
     assert context.request_ids == {0: "req-0", 1: "req-1", 2: "req-0"}
     message = create_predict_response(bodies, context.request_ids, "ok", 200, context=context)
-    assert [context.get_response_headers(i).get("ts_stream_next") for i in range(3)] == [None, None, "false"]
-    assert message.count(b"ts_stream_next") == 1
+    # the HTTP answer is left alone and its twin ends the job; the gRPC answer ends its own job
+    assert [context.get_response_headers(i).get("ts_stream_next") for i in range(3)] == [None, "false", "false"]
+    assert message.count(b"ts_stream_next") == 2
 
 
 @pytest.fixture(scope="module")
@@ -236,18 +422,20 @@ def router_dir(digits_store, tmp_path_factory):
     return support.extract(os.path.join(store, "ab_v1.0.mar"), str(root / "router"))
 
 
-def test_router_in_zero_wait_mode_names_each_calls_variant(router_dir):
+def test_router_in_zero_wait_mode_names_each_requests_variant(router_dir, wire):
+    frontend, _ = wire
     h = ABRouterHandler()
-    h.initialize(support.make_context(router_dir))
+    h.initialize(support.make_context(router_dir, metrics=metrics_cache()))
+    run_handler(h, wire)
     users = [f"user-{i}" for i in range(8)] + ["\x01bad"]
-    made = calls(h, h.context, [(body(1), JSON)] * len(users), headers=[{"X-Request-Key": u} for u in users])
-    outs = asyncio.run(answered(made))
+    frontend.send(*(frame(f"r{i}", body(1), {"X-Request-Key": u}) for i, u in enumerate(users)))
+    answers = frontend.answers(len(users))
     variants = []
-    for (own, _, _), out, user in zip(made, outs, users):
-        answer = json.loads(out[0])
+    for i, user in enumerate(users):
+        answer, out = answers[f"r{i}"], json.loads(answers[f"r{i}"]["body"])
         if user.startswith("\x01"):
-            assert support.statuses(own, 1) == [400] and answer["type"] == "invalid_route_key"
+            assert answer["status"] == 400 and out["type"] == "invalid_route_key"
             continue
-        variants.append(own.get_response_headers(0)[VARIANT_HEADER])
-        assert support.statuses(own, 1) == [200] and answer["variant"] == variants[-1]
-    assert set(variants) == {"a", "b"} and h.batcher.describe()["batches"] == 2, "9 calls: 8, then 1"
+        variants.append(answer["headers"][VARIANT_HEADER])
+        assert answer["status"] == 200 and out["variant"] == variants[-1]
+    assert set(variants) == {"a", "b"}

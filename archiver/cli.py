@@ -12,12 +12,14 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from typing import Any, Optional
 
 from archiver.deploy import k8s
 from archiver.deploy.properties import DEFAULT_OIP_PORT, entry_from_archive
 from archiver.errors import TspackCliError
 from archiver.package.archive import copy_into_store
+from archiver.spec import DEFAULT_BATCHING, Batching
 from archiver.tables import render
 from handlers.errors import SpecError
 from handlers.registry import FRONTENDS, RUNTIMES
@@ -79,6 +81,7 @@ def spec_from_flags(args: argparse.Namespace):
         "artifacts": [{"format": fmt, "id": "main" if i == 0 else fmt, "method": args.method}
                       for i, fmt in enumerate(args.format)],
         "serving": {"batch_size": args.batch_size, "workers": args.workers,
+                    **({} if args.batching is None else {"batching": args.batching}),
                     **({} if args.max_batch_delay is None else {"max_batch_delay_ms": args.max_batch_delay})},
     }
     inputs = flag_inputs(args)
@@ -351,9 +354,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
     handle = ServerHandle.load(os.path.abspath(args.run_dir))
     client = handle.client()
     versions = model_versions(client, args.model)
-    rows = [["version", "default", "workers", "built_at", "runtime", "max_abs_err", "accuracy", "archive"]]
+    rows = [["version", "default", "workers", "batching", "built_at", "runtime", "max_abs_err", "accuracy",
+             "archive"]]
     for v in versions:
-        rows.append([v["version"], "*" if v["default"] else "", v["workers"], v.get("built_at") or "-",
+        rows.append([v["version"], "*" if v["default"] else "", v["workers"],
+                     v.get("batching") or f"batch {v.get('batch_size')}", v.get("built_at") or "-",
                      v.get("runtime") or "-", v.get("max_abs_error") or "-", v.get("accuracy") or "-", v["archive"]])
     print(_table(rows))
     print(format_endpoints(client.inference_url, args.model, handle.oip_url))
@@ -496,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", help=".npz with validation inputs x (and labels y)")
     b.add_argument("--labels", help="class names: a,b,c or a JSON file (list or index_to_name.json)")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--max-batch-delay", type=int, help="ms (default: 2 with batching, 0 with --batch-size 1)")
+    b.add_argument("--batching", choices=list(typing.get_args(Batching)),
+                   help=f"zero_wait: run what is queued the moment the model is free; delay: TorchServe waits "
+                        f"--max-batch-delay for a batch to fill (default: {DEFAULT_BATCHING}, or delay when "
+                        "--max-batch-delay is given)")
+    b.add_argument("--max-batch-delay", type=int, help="ms, delay batching only (default: 2 with batching, 0 with "
+                                                       "--batch-size 1)")
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--gpus", type=int, help="GPUs of the host the archives are for (default: the spec's, else "
                    "this host's)")

@@ -69,6 +69,11 @@ def _zero_wait(row: dict) -> bool:
     return "zero-wait" in row["config"]
 
 
+def _default(system: str, **kw) -> Pick:
+    """The light model's default deployment: what `tspack build` writes without tuning (zero-wait batching)."""
+    return Pick(system, "light", where=_zero_wait, **kw)
+
+
 def _delay(row: dict) -> bool:
     return row["batch_size"] > 1 and "zero-wait" not in row["config"]
 
@@ -79,31 +84,30 @@ def _unbatched(row: dict) -> bool:
 
 LIMIT_MODEL = {"body": None, "concurrency": None}  # the limit of the model alone
 RATIOS: tuple[Figure, ...] = (
-    # light model (MNIST CNN), JSON bodies, c=32 unless named
-    Figure("tspack_over_fastapi_light", _light("tspack"), _light("fastapi"), goal=">= 1.5",
-           about="req/s, best configurations"),
-    Figure("tspack_over_litserve_light", _light("tspack"), _light("litserve"), goal=">= 1.5"),
-    Figure("tspack_over_naive_light", _light("tspack"), _light("naive-torchserve"), goal=">= 15"),
-    Figure("p99_over_fastapi_light", _light("tspack", metric="p99_ms"), _light("fastapi", metric="p99_ms"),
+    # light model (MNIST CNN), JSON bodies, c=32 unless named; tspack is the default deployment (zero-wait batching)
+    Figure("tspack_over_fastapi_light", _default("tspack"), _light("fastapi"), goal=">= 1.5",
+           about="req/s, tspack's default deployment vs FastAPI's best configuration"),
+    Figure("tspack_over_litserve_light", _default("tspack"), _light("litserve"), goal=">= 1.5"),
+    Figure("tspack_over_naive_light", _default("tspack"), _light("naive-torchserve"), goal=">= 15"),
+    Figure("p99_over_fastapi_light", _default("tspack", metric="p99_ms"), _light("fastapi", metric="p99_ms"),
            goal="<= 1.0"),
-    Figure("e2e_over_limit_light", _light("tspack"), _light("limit", **LIMIT_MODEL),
+    Figure("zero_wait_over_best_delay_light", _default("tspack"), _light("tspack", where=_delay), goal=">= 1.0",
+           about="issue 14: the default (zero-wait) vs the sweep's best fixed-delay batching, same rounds"),
+    Figure("e2e_over_limit_light", _default("tspack"), _light("limit", **LIMIT_MODEL),
            about="vs the model alone in-process, best layout"),
-    Figure("e2e_over_limit_decode_light", _light("tspack"), _light("limit", concurrency=None),
+    Figure("e2e_over_limit_decode_light", _default("tspack"), _light("limit", concurrency=None),
            about="vs decode + model in-process (the handler's own path on the same JSON body), best layout"),
-    Figure("c1_p50_ms_light", _light("tspack", metric="p50_ms", concurrency=1), goal="<= 2.5",
-           about="ms, the best c=32 configuration at c=1"),
-    Figure("zero_wait_over_best_delay_light", _light("tspack", where=_zero_wait), _light("tspack", where=_delay),
-           phase="sweep", goal=">= 1.0", about="issue 14: the default (zero-wait) vs the best fixed-delay batching"),
-    Figure("c1_p50_ms_light_zero_wait", _light("tspack", metric="p50_ms", concurrency=1, choose="min",
-                                               where=_zero_wait), phase="sweep", goal="<= 2.5",
-           about="ms, the default (zero-wait) deployment at c=1"),
+    Figure("c1_p50_ms_light", _default("tspack", metric="p50_ms", concurrency=1), goal="<= 2.5",
+           about="ms, the default deployment at c=1"),
+    Figure("c1_p50_ms_light_delay", _light("tspack", metric="p50_ms", concurrency=1, where=_delay),
+           about="ms, the best fixed-delay configuration at c=1"),
     Figure("c1_p50_ms_light_min", _light("tspack", metric="p50_ms", concurrency=1, choose="min", where=_batching),
            phase="sweep", about="ms, the lowest c=1 p50 of any batching configuration"),
     Figure("c1_p50_ms_light_unbatched", _light("tspack", metric="p50_ms", concurrency=1, choose="min",
                                                where=_unbatched), phase="sweep", about="ms, batch 1, no wait"),
     Figure("c1_p50_ms_light_unbatched_onnx", _light("tspack", runtime="onnx", metric="p50_ms", concurrency=1,
                                                     choose="min", where=_unbatched), phase="sweep"),
-    Figure("aoti_over_torchscript_light", _light("tspack", runtime="aoti"), _light("tspack"), goal=">= 1.2",
+    Figure("aoti_over_torchscript_light", _light("tspack", runtime="aoti"), _default("tspack"), goal=">= 1.2",
            about="issue 12: the same deployment with format aoti vs torchscript"),
     Figure("oip_binary_over_json_light", _light("tspack", body="oip-binary"), _light("tspack", body="oip-json"),
            goal=">= 1.2", about="issue 15: OIP v2 binary tensor requests vs OIP JSON requests"),

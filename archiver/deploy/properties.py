@@ -212,8 +212,8 @@ def log_config_text(access_log: bool) -> str:
     Metrics need no log files: metrics_mode=prometheus serves them from memory.
 
     Quiet below WARN (PER_REQUEST_LOGGERS): the frontend classes that log an INFO line per request or per metric
-    line, each a synchronous write. WorkerThread's per-batch "Backend response time" stays (tests and operators
-    read which worker answered).
+    line, each a synchronous write. WorkerThread's per-batch "Backend response time" stays (with `delay` batching it
+    tells which worker answered; zero-wait workers have no such line).
     """
     quiet = "".join(f'    <Logger name="{name}" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>\n'
                     for name in PER_REQUEST_LOGGERS)

@@ -85,8 +85,12 @@ def _build_figures(client: TorchServeClient, model: str, version: str) -> dict:
             return None
         return f"{100 * value:.1f}%" if pct else f"{value:.1e}"
 
+    batching = data.get("batching") or {}
+    zero_wait = f"zero-wait batch {batching.get('max_batch')}" if batching.get("mode") == "zero_wait" else None
     return {"built_at": data.get("built_at"), "runtime": (data.get("runtime") or {}).get("runtime"),
-            "max_abs_error": fmt(validation.get("max_abs_error")), "accuracy": fmt(validation.get("accuracy"), True)}
+            "max_abs_error": fmt(validation.get("max_abs_error")), "accuracy": fmt(validation.get("accuracy"), True),
+            # TorchServe's batchSize is 1 for a zero-wait worker, which batches on its own
+            **({"batching": zero_wait} if zero_wait else {})}
 
 
 def request_counts(client: TorchServeClient) -> dict[str, float]:
@@ -183,7 +187,8 @@ def format_status(status: dict) -> str:
     for model, versions in status.get("models", {}).items():
         for v in versions:
             mark = " (default)" if v["default"] else ""
-            lines.append(f"  {model} {v['version']}{mark}: {v['workers']}, batch {v.get('batch_size')}, "
+            batching = v.get("batching") or f"batch {v.get('batch_size')}"
+            lines.append(f"  {model} {v['version']}{mark}: {v['workers']}, {batching}, "
                          f"runtime {v.get('runtime') or '-'}, built {v.get('built_at') or '-'}")
         lines.append(f"    {format_endpoints(status['inference_url'], model, status.get('oip_url', ''))}")
     gateway = status.get("oip_gateway")

@@ -439,3 +439,34 @@ def test_router_in_zero_wait_mode_names_each_requests_variant(router_dir, wire):
         variants.append(answer["headers"][VARIANT_HEADER])
         assert answer["status"] == 200 and out["variant"] == variants[-1]
     assert set(variants) == {"a", "b"}
+
+
+# --- the CLI and the status line ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, mode, delay", [
+    ([], DEFAULT_BATCHING, 0),
+    (["--batching", "delay"], "delay", 2),
+    (["--max-batch-delay", "5"], "delay", 5),
+    (["--batching", "zero_wait"], "zero_wait", 0),
+])
+def test_build_flags_choose_the_batching(flags, mode, delay):
+    from archiver.cli import build_parser, spec_from_flags
+
+    args = build_parser().parse_args(["build", "--name", "m", "--model-class", "m.py:M", "--weights", "w.pt",
+                                      "--input-shape", "1,8,8", *flags])
+    serving = spec_from_flags(args).models[0].serving
+    assert (serving.batching, serving.max_batch_delay_ms) == (mode, delay)
+
+
+def test_status_names_a_zero_wait_workers_batching_not_torchserve_s_batch_size_of_1():
+    from archiver.operate.status import format_status
+
+    status = {"running": True, "pid": 1, "started_at": "t", "healthy": True, "ping": "Healthy",
+              "inference_url": "http://127.0.0.1:8080", "models": {"digits": [
+                  {"version": "1.0", "default": True, "workers": "2/2 ready", "batch_size": 1,
+                   "batching": "zero-wait batch 8"},
+                  {"version": "2.0", "default": False, "workers": "1/1 ready", "batch_size": 8}]}}
+    text = format_status(status)
+    assert "digits 1.0 (default): 2/2 ready, zero-wait batch 8," in text
+    assert "digits 2.0: 1/1 ready, batch 8," in text

@@ -236,9 +236,11 @@ def http_measure(served: systems.Served, body: Body, duration_s: float) -> Calla
                                  served.authorization, headers=dict(body.headers))
             cpu.excluded_cpu_s = result.loadgen_cpu_s
         # what wrk left queued runs now, not in the next system's turn (where it would count as other work)
-        drain(served, body)
+        status = drain(served, body)
         answered = max(1, result.requests)
-        return {**result.as_dict(), "peak_rss_mb": rss.peak_mb, "server_cpu_share": cpu.tree_share,
+        # a row with errors says what one more request got, so a reader can tell refusals from broken answers
+        errors = {"status_after": status} if result.errors else {}
+        return {**result.as_dict(), **errors, "peak_rss_mb": rss.peak_mb, "server_cpu_share": cpu.tree_share,
                 "other_cpu_share": cpu.other_share,
                 **{f"{role}_cpu_ms_per_request": round(seconds * 1000.0 / answered, 3)
                    for role, seconds in cpu.cpu_s_by_role.items()}}
@@ -260,11 +262,12 @@ def limit_measure(pool: limit.LimitPool, kind: str, batch: int, body: Body | Non
     return measure
 
 
-def drain(served: systems.Served, body: Body, timeout_s: float = 300) -> None:
-    """Wait until the requests a previous wrk run left queued are answered: one request queues behind them."""
+def drain(served: systems.Served, body: Body, timeout_s: float = 300) -> int:
+    """Wait until the requests a previous wrk run left queued are answered: one request queues behind them.
+    Returns its HTTP status (0: no answer)."""
     with open(body.file, "rb") as f:
-        systems.http_status(served.url_for(body.protocol), f.read(), body.content_type, served.authorization,
-                            timeout=timeout_s, extra_headers=dict(body.headers))
+        return systems.http_status(served.url_for(body.protocol), f.read(), body.content_type, served.authorization,
+                                   timeout=timeout_s, extra_headers=dict(body.headers))
 
 
 def first_answer(served: systems.Served, body: Body, t0: float, timeout_s: float = 120) -> float:

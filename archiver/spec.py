@@ -92,9 +92,10 @@ class SamplesSpec:
 
 
 DEFAULT_BATCH_DELAY_MS = 2
-# The batching of a spec that names neither a mode nor a delay. Measured here (light CNN, 2 workers x 1 thread on 2
-# shared cores, real TorchServe, wrk, interleaved): zero_wait answered a lone client in 2.0-2.6 ms p50 against
-# 4.0-5.0 ms with a 1 ms delay, and served 1.05-1.1x the requests/s of that delay at 32 clients (see BENCHMARKS.md).
+# The batching of a spec that names neither a mode nor a delay. Measured by `make bench` (light CNN, 2 workers x 1
+# thread on 2 cores, medians of 3 interleaved rounds): zero_wait answered a lone client in 2.1 ms p50 against 5.3 ms
+# with the best fixed delay, and served 1.03x (0.96-1.31) the requests/s of that delay at 32 clients (one run of
+# `tspack tune` had fixed delays up to 1.29x ahead at 32 clients: tune when throughput matters more than lone clients).
 DEFAULT_BATCHING: Batching = "zero_wait"
 
 

@@ -212,15 +212,26 @@ class StubModel:
         return [json.dumps({"error": str(error)}) for _ in data]
 
 
-def test_loop_runs_a_lone_request_at_once_then_takes_what_waited_up_to_max_batch(wire):
+def started(wire, config: ZeroWaitConfig) -> tuple[Frontend, StubModel, DrainingWorker]:
+    """A loop serving the stub model on the wire."""
     frontend, worker_end = wire
     model = StubModel()
-    worker = DrainingWorker(ZeroWaitConfig(max_batch=4, max_pending=100), model.answer, model.refuse)
+    worker = DrainingWorker(config, model.answer, model.refuse)
     serve(worker, worker_end, context_for())
+    return frontend, model, worker
+
+
+def behind_a_busy_model(frontend: Frontend, model: StubModel, *frames: bytes) -> None:
+    """Send r0 and, while the model runs it, `frames`; then let the model go on."""
     frontend.send(frame("r0", b"0"))
     assert model.running.wait(30), "a lone request runs without waiting for company"
-    frontend.send(*(frame(f"r{i}", str(i).encode()) for i in range(1, 11)))  # arrive while the model is busy
+    frontend.send(*frames)
     model.release.set()
+
+
+def test_loop_runs_a_lone_request_at_once_then_takes_what_waited_up_to_max_batch(wire):
+    frontend, model, worker = started(wire, ZeroWaitConfig(max_batch=4, max_pending=100))
+    behind_a_busy_model(frontend, model, *(frame(f"r{i}", str(i).encode()) for i in range(1, 11)))
     answers = frontend.answers(11)
     assert model.runs == [1, 4, 4, 2]
     assert [json.loads(answers[f"r{i}"]["body"])["payload"] for i in range(11)] == [str(i) for i in range(11)]
@@ -238,14 +249,8 @@ def test_a_message_larger_than_max_batch_runs_alone_and_whole(wire):
 
 
 def test_over_max_pending_the_newest_get_503_at_once(wire):
-    frontend, worker_end = wire
-    model = StubModel()
-    worker = DrainingWorker(ZeroWaitConfig(max_batch=4, max_pending=6), model.answer, model.refuse)
-    serve(worker, worker_end, context_for())
-    frontend.send(frame("r0", b"0"))
-    assert model.running.wait(30)
-    frontend.send(*(frame(f"r{i}", b"x") for i in range(1, 10)))
-    model.release.set()
+    frontend, model, worker = started(wire, ZeroWaitConfig(max_batch=4, max_pending=6))
+    behind_a_busy_model(frontend, model, *(frame(f"r{i}", b"x") for i in range(1, 10)))
     answers = frontend.answers(10)
     statuses = [answers[f"r{i}"]["status"] for i in range(10)]
     assert statuses == [200] * 7 + [503] * 3, "r1..r6 fit (6 held), r7..r9 are refused"
@@ -288,26 +293,15 @@ def test_an_empty_message_is_skipped_and_a_large_body_crosses_buffer_refills(wir
 
 
 def test_a_describe_call_is_never_refused(wire):
-    frontend, worker_end = wire
-    model = StubModel()
-    serve(DrainingWorker(ZeroWaitConfig(max_batch=1, max_pending=1), model.answer, model.refuse), worker_end,
-          context_for())
-    frontend.send(frame("r0", b"0"))
-    assert model.running.wait(30)
-    frontend.send(frame("r1", b"1"), frame("r2", b"2"), frame("d", b"", {"describe": "True"}))
-    model.release.set()
+    frontend, model, _ = started(wire, ZeroWaitConfig(max_batch=1, max_pending=1))
+    behind_a_busy_model(frontend, model, frame("r1", b"1"), frame("r2", b"2"), frame("d", b"", {"describe": "True"}))
     answers = frontend.answers(4)
     assert [answers[k]["status"] for k in ("r0", "r1", "r2", "d")] == [200, 200, 503, 200]
 
 
 def test_a_describe_call_runs_alone(wire):
-    frontend, worker_end = wire
-    model = StubModel()
-    serve(DrainingWorker(ZeroWaitConfig(max_batch=8), model.answer, model.refuse), worker_end, context_for())
-    frontend.send(frame("r0", b"0"))
-    assert model.running.wait(30)
-    frontend.send(frame("r1", b"1"), frame("d", b"", {"describe": "True"}), frame("r2", b"2"))
-    model.release.set()
+    frontend, model, _ = started(wire, ZeroWaitConfig(max_batch=8))
+    behind_a_busy_model(frontend, model, frame("r1", b"1"), frame("d", b"", {"describe": "True"}), frame("r2", b"2"))
     frontend.answers(4)
     assert model.runs == [1, 1, 1, 1]
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ts.protocol.otf_message_handler import create_predict_response, retrieve_msg
+from ts.service import PREDICTION_METRIC, Service
 
 from handlers.errors import ModelLoadError, Overloaded, SpecError
 from handlers.request import Request
@@ -171,15 +172,16 @@ class DrainingWorker:
     def _respond(self, service: Any, batch: list[dict], refusal: Optional[BaseException] = None) -> bytes:
         """The response to `batch`: the handler's answers, or every request refused with `refusal`, or, when the
         handler fails, every request answered with that failure."""
+        def refused(error: BaseException) -> bytes:
+            return respond(service, batch, lambda data, context: self.refuse(data, context, error), timed=False)
+
         if refusal is not None:
-            return respond(service, batch, lambda data, context: self.refuse(data, context, refusal),
-                           timed=False)
+            return refused(refusal)
         try:
             return respond(service, batch, self.answer)
         except Exception as exc:  # the handlers answer per request; this only guards against their bugs
             logger.exception("zero-wait batch of %d requests failed", len(batch))
-            return respond(service, batch, lambda data, context, error=exc: self.refuse(data, context, error),
-                           timed=False)
+            return refused(exc)
 
     def _take(self, pending: deque) -> list[dict]:
         """The requests of one model run, oldest first: whole messages up to max_batch requests (a larger one runs
@@ -219,8 +221,6 @@ def respond(service: Any, batch: list[dict], entry: Callable[[list, Any], list],
     Raises:
         Exception: whatever `entry` raised, or RuntimeError when it did not answer each request once.
     """
-    from ts.service import PREDICTION_METRIC, Service
-
     headers, data, request_ids = Service.retrieve_data_for_inference(batch)
     context = service.context
     context.request_ids = request_ids
@@ -261,7 +261,9 @@ def release_jobs(bodies: list, requests: list[Request], data: list, context: Any
 
     http = [i for i, request in enumerate(requests) if "host" in request.headers]
     bodies = list(bodies)
-    ends = [None if i in set(http) else True for i in range(len(bodies))]  # None: leave ts_stream_next unset
+    ends = [True] * len(bodies)
+    for i in http:
+        ends[i] = None  # leave ts_stream_next unset: the twin below ends this job
     for i in http:
         context.request_ids[len(bodies)] = context.request_ids[i]
         context.request_processor.append(RequestProcessor({}))

@@ -20,7 +20,7 @@ ROW_FIELDS = ("phase", "comparison", "round", "system", "model", "runtime", "con
               "batch_size", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "requests", "duration_s",
               "peak_rss_mb", "loadgen_cpu_share", "server_cpu_share", "other_cpu_share",
               "frontend_cpu_ms_per_request", "workers_cpu_ms_per_request", "cold_start_s", "attempts", "disturbed",
-              "best")
+              "idle_cores", "best")
 
 
 def best_row(rows: list[dict], system: str, model: str, runtime: str = "torchscript",
@@ -67,6 +67,7 @@ def document(results: dict, settings) -> dict:
         "rounds": results.get("rounds"), "reruns": results.get("reruns"), "disturbed_share": DISTURBED_SHARE,
         "ratios": figures.compute(rows, results["cold_start_s"], results.get("cold_start_light_s")),
         "cold_start_of": results.get("cold_start_of"),
+        "tune": results.get("tune"), "step_seconds": results.get("step_seconds") or {},
         "rows": [{k: r.get(k) for k in ROW_FIELDS} for r in rows], "failures": results["failures"],
         "notes": NOTES,
     }
@@ -78,6 +79,13 @@ NOTES = [
     "max and the number of rounds. A row measured while other work used over 10% of the CPU is rerun (up to "
     "`reruns` times); a row still disturbed is marked, and every figure built on it is null with the reason. "
     "Figures of phase `sweep` come from the one configuration sweep (1 round).",
+    "A row at 16 or more clients whose server used under 60% of the CPU (it left a core idle) is rerun the same "
+    "way: with 2 uvicorn workers that is the kernel handing all 32 connections to one of them (821 req/s against "
+    "1,100-1,480 when they are spread, light CNN, 12 runs in a row), so FastAPI's figures are its balanced ones. "
+    "FastAPI runs every layout in every round, and each round's FastAPI figure is its best layout of that round.",
+    "tspack tune (issue 14): run on the light model's default spec (SLO p99 50 ms, 1 and 32 clients, its budget in "
+    "`tune`) after the sweep; the configuration it chose is served in the light rounds beside the default, its "
+    "config labelled `(tspack tune)`.",
     "requests/s counts 2xx answers; errors = non-2xx answers + socket errors (connect, read, write, timeout).",
     "Load: wrk, 1 thread, keep-alive connections = concurrency, on 127.0.0.1.",
     "limit rows: the archive's own code in-process, no HTTP: `model alone` (runtime.run on a ready batch) and "
@@ -237,16 +245,24 @@ def markdown(doc: dict) -> str:
     lines += [_figure_line(k, v) for k, v in doc["ratios"].items()]
     if doc.get("cold_start_of"):
         lines += ["", f"cold_start_s: {doc['cold_start_of']}; cold_start_light_s: one light archive."]
+    if doc.get("tune"):
+        t = doc["tune"]
+        lines += ["", f"tspack tune ({t['budget_s']:.0f} s budget, SLO p99 {t['slo_p99_ms']:g} ms, clients "
+                      f"{','.join(map(str, t['concurrency']))}): {t['trials']} configurations tried; {t['verdict']}"]
+    if doc.get("step_seconds"):
+        steps = ", ".join(f"{name} {seconds:.0f}" for name, seconds in doc["step_seconds"].items())
+        lines += ["", f"Time per step (s): {steps}."]
     lines += ["", "Phase: `sweep` = each configuration once (★ = the best of its system, runtime and body at c=32), "
               "`rounds` = the comparison's interleaved rounds (each system's best configuration), `cold` = worker "
-              "cold starts. ⚠ = still disturbed by other work after its reruns.", "",
+              "cold starts. ⚠ = still disturbed by other work after its reruns; ◐ = its server still left a core idle "
+              "under load after its reruns.", "",
               "| phase | system | model | runtime | config | body | c | batch | req/s | p50 ms | p95 ms | p99 ms "
               "| errors | peak RSS MB | frontend CPU ms/req | workers CPU ms/req | other CPU | tries |",
               "|" + "---|" * 18]
     for r in doc["rows"]:
         phase = f"{r.get('phase') or ''} {r.get('round') or ''}".strip()
         star = " ★" if r.get("best") and r.get("phase") == "sweep" else ""
-        warn = " ⚠" if r.get("disturbed") else ""
+        warn = " ⚠" if r.get("disturbed") else (" ◐" if r.get("idle_cores") else "")
         value = _cell(r.get("requests_per_s")) if r.get("requests_per_s") is not None else (
             f"cold start {_cell(r.get('cold_start_s'))} s")
         lines.append(f"| {phase}{warn} | {r['system']}{star} | {r['model']} | {r['runtime']} | {r['config']} | "

@@ -67,6 +67,8 @@ def test_json_has_every_field_with_positive_numbers(smoke):
         else:
             assert figure["value"] > 0 and figure["min"] <= figure["value"] <= figure["max"], (key, figure)
     assert doc["ratios"]["cold_start_s"]["rounds"] == 1
+    assert {"build light", "compare light"} <= set(doc["step_seconds"])  # where the run's time went
+    assert all(seconds > 0 for seconds in doc["step_seconds"].values())
     assert doc["ratios"]["c1_p50_ms_light"]["rounds"] == 2  # QUICK: two rounds
     assert doc["ratios"]["tspack_over_fastapi_light"]["null_reason"] == "not measured in this run"
     assert {row["system"] for row in doc["rows"]} == {"limit", "tspack"}

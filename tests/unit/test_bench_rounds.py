@@ -78,6 +78,23 @@ def test_a_row_still_disturbed_after_its_reruns_is_marked():
     assert numbers["attempts"] == 4 and numbers["disturbed"]
 
 
+
+def test_a_server_that_left_a_core_idle_under_load_is_rerun():
+    # every connection on one of two worker processes: half the machine used with 32 clients waiting
+    replay = Replay([{"other_cpu_share": 0.0, "server_cpu_share": 0.5, "requests_per_s": 821.0},
+                     {"other_cpu_share": 0.0, "server_cpu_share": 0.96, "requests_per_s": 1300.0}])
+    numbers = measured(replay, 32, reruns=3, say=lambda _: None)
+    assert numbers["attempts"] == 2 and not numbers["idle_cores"] and numbers["requests_per_s"] == 1300.0
+
+
+def test_idle_cores_are_kept_and_marked_after_the_reruns_and_never_judged_at_low_concurrency():
+    replay = Replay([{"other_cpu_share": 0.0, "server_cpu_share": 0.5, "requests_per_s": 800.0}] * 4)
+    numbers = measured(replay, 32, reruns=3, say=lambda _: None)
+    assert numbers["attempts"] == 4 and numbers["idle_cores"] and not numbers["disturbed"]
+    lone = measured(Replay([{"other_cpu_share": 0.0, "server_cpu_share": 0.3, "requests_per_s": 400.0}]), 1,
+                    reruns=3, say=lambda _: None)
+    assert lone["attempts"] == 1 and not lone["idle_cores"]  # one client cannot keep two cores busy
+
 RATIO = Figure("t", Pick("tspack", "light"), Pick("fastapi", "light"), goal=">= 1.0")
 
 

@@ -3,13 +3,14 @@
     .venv/bin/python -m benchmarks.bench [--quick] [--only tspack,limit] [--models light] [--duration S]
                                          [--rounds N] [--reruns N]
 
-Per model, two phases. The sweep measures each configuration of each system once, one server at a time, and keeps
-each system's best (requests/s at concurrency 32). The comparison then starts every system's best configuration at
-once, keeps them all up, and measures them in interleaved rounds (benchmarks/rounds.py): each headline figure is the
-median of its per-round ratios, with its spread, and null when a row stayed disturbed by other work after its
-reruns (benchmarks/ratios.py). Every HTTP system gets the same request bytes from the same load generator (wrk,
-benchmarks/loadgen.py) on 127.0.0.1. Writes benchmarks/results/latest.json, latest.png and the serving section of
-BENCHMARKS.md (benchmarks/report.py).
+Per model, two phases. The sweep measures each configuration of tspack and LitServe once, one server at a time, and
+keeps each system's best (requests/s at concurrency 32); on the light model `tspack tune` then runs on the default
+deployment's spec. The comparison starts the chosen configurations at once (tspack's default deployment, and on the
+light model zero-wait, tune's pick and `aoti` beside it; every FastAPI layout), keeps them all up, and measures them
+in interleaved rounds (benchmarks/rounds.py): each headline figure is the median of its per-round ratios, with its
+spread, and null when a row stayed disturbed by other work after its reruns (benchmarks/ratios.py). Every HTTP
+system gets the same request bytes from the same load generator (wrk, benchmarks/loadgen.py) on 127.0.0.1. Writes
+benchmarks/results/latest.json, latest.png and the serving section of BENCHMARKS.md (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from dataclasses import dataclass, field, replace
 
 from archiver.deploy.properties import entry_from_archive
 from archiver.operate import load as loadgen
+from archiver.spec import DEFAULT_BATCH_DELAY_MS, DEFAULT_BATCHING
 from benchmarks import artifacts, limit, report, systems
 from benchmarks.artifacts import MODELS, Body, Variant
+from benchmarks.ratios import DEFAULT, TUNED
 from benchmarks.rounds import RERUNS, Contender, Rounds
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -42,12 +45,20 @@ SYSTEMS = ("limit", "tspack", "naive", "fastapi", "litserve")
 WARMUP_CONCURRENCY = 32
 
 
+def default_variant(runtime: str = "torchscript") -> Variant:
+    """The serving `tspack build` writes when the spec says nothing of batching (archiver.spec's defaults: batch 8,
+    DEFAULT_BATCHING), on 2 workers x 1 thread."""
+    if DEFAULT_BATCHING == "zero_wait":
+        return Variant(runtime, 2, 1, 8, batching="zero_wait")
+    return Variant(runtime, 2, 1, 8, DEFAULT_BATCH_DELAY_MS)
+
+
 @dataclass
 class Settings:
     quick: bool = False
     models: tuple[str, ...] = ("light", "heavy")
     systems: tuple[str, ...] = SYSTEMS
-    duration_s: dict = field(default_factory=lambda: {"light": 4.0, "heavy": 6.0})
+    duration_s: dict = field(default_factory=lambda: {"light": 4.0, "heavy": 5.0})
     warmup_s: dict = field(default_factory=lambda: {"light": 6.0, "heavy": 6.0})
     jit_warmup_s: dict = field(default_factory=lambda: {"light": 6.0, "heavy": 24.0})  # TorchServe's JVM
     rounds: int = 3
@@ -59,18 +70,18 @@ class Settings:
 
     def variants(self, key: str) -> list[Variant]:
         """tspack's configurations of the sweep, TorchScript; the first is the quick run's only one."""
+        default = default_variant()
+        if self.quick:
+            return [default]
         if key == "light":
-            # First: the deployment `tspack build` writes by default (zero-wait batching, batch 8) on 2 workers.
-            default = Variant("torchscript", 2, 1, 8, batching="zero_wait")
-            if self.quick:
-                return [default]
             # Left out as measured slower here: a 5 ms delay, and one 2-thread worker (zero-wait or delay).
-            return [default] + [Variant("torchscript", 2, 1, 8, d) for d in (1, 2)]
-        # heavy: two 1-thread workers as FastAPI's best layout runs, with delay or zero-wait batching. Left out, as
-        # measured slower here: one 2-thread worker (its OpenMP barriers lose to the frontend's preemptions; the
-        # limit's 1p x 2t rows show the layout), and batch 1 (the model's speed per sample is the same at batch 1
-        # and 8 in two 1-thread processes, and the frontend then sends a message per request).
-        return [Variant("torchscript", 2, 1, 8, 5), Variant("torchscript", 2, 1, 8, batching="zero_wait")]
+            others = [Variant("torchscript", 2, 1, 8, 1), Variant("torchscript", 2, 1, 8, batching="zero_wait")]
+            return [default] + [v for v in others if v != default]
+        # heavy: two 1-thread workers as FastAPI's best layout runs. Left out, as measured slower here: zero-wait
+        # (35-38 against 39-41 req/s with a delay), one 2-thread worker (its OpenMP barriers lose to the frontend's
+        # preemptions; the limit's 1p x 2t rows show the layout), and batch 1 (the model's speed per sample is the
+        # same at batch 1 and 8 in two 1-thread processes, and the frontend then sends a message per request).
+        return [default] + [v for v in (Variant("torchscript", 2, 1, 8, 5),) if v != default]
 
     def limit_batches(self, key: str) -> tuple[int, ...]:
         if self.quick:
@@ -112,6 +123,8 @@ class Bench:
         self.cold_start_s: float | None = None  # one light archive, start() to the first 200
         self.cold_start_demo_s: float | None = None  # the demo deployment, `tspack serve start` to the first 200
         self.background = 0.0
+        self.tune: dict | None = None  # what `tspack tune` tried and chose (tune_step)
+        self.step_seconds: dict[str, float] = {}
         self.ctx: dict = {}
         self.bar = None
         self.rounds = Rounds(self.add, reruns=settings.reruns, say=self.log)
@@ -203,10 +216,12 @@ class Bench:
         self.bar = tqdm(total=len(steps), desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True)
         for step in steps:
             self.bar.set_postfix_str(step.name)
+            step_started = time.monotonic()
             try:
                 step.run(self)
             except Exception as exc:  # a failed build or limit costs its own rows, not the run
                 self.fail({"system": step.name, "config": ""}, exc)
+            self.step_seconds[step.name] = round(time.monotonic() - step_started, 1)
             self.bar.update(1)
         self.bar.close()
         self.bar = None
@@ -217,7 +232,8 @@ class Bench:
                 "cold_start_of": ("the demo deployment (digits 1.0 + image ONNX + image int8), `tspack serve start` "
                                   "to the first 200" if demo else "one light archive, server start to the first 200"),
                 "elapsed_s": round(time.monotonic() - started, 1), "background_at_start": self.background,
-                "rounds": self.settings.rounds, "reruns": self.settings.reruns}
+                "rounds": self.settings.rounds, "reruns": self.settings.reruns,
+                "step_seconds": self.step_seconds, "tune": self.tune}
 
 
 @dataclass
@@ -290,8 +306,10 @@ def label(system: str, model: str, runtime: str, config: str, batch_size: int) -
 
 
 def tspack_deployment(bench: Bench, key: str, variant: Variant, loads: list[tuple[str, tuple, tuple]],
-                      cold: bool = False) -> Deployment:
-    """tspack serving one archive (built on first use); `loads` are (body kind, every round, round 1 only)."""
+                      cold: bool = False, tuned: bool = False, default: bool = False) -> Deployment:
+    """tspack serving one archive (built on first use); `loads` are (body kind, every round, round 1 only).
+    `tuned`: the configuration `tspack tune` chose, labelled as such and served from a folder of its own (it may
+    equal another deployment of the same rounds). `default`: labelled as the deployment `tspack build` writes."""
     ctx = bench.ctx[key]
     name = variant.archive_name(MODELS[key])
 
@@ -299,9 +317,11 @@ def tspack_deployment(bench: Bench, key: str, variant: Variant, loads: list[tupl
         artifacts.build_tspack(MODELS[key], [variant], bench.settings.work, ctx["store"])
         # workers and batching as `tspack config --load` reads them from the archive (zero-wait: batchSize 1)
         entry = entry_from_archive(f"{name}_v1.0.mar", os.path.abspath(ctx["store"]))
-        return systems.start_tspack(os.path.join(bench.settings.work, "servers", name), ctx["store"], entry)
+        folder = os.path.join(bench.settings.work, "servers", name + ("-tuned" if tuned else ""))
+        return systems.start_tspack(folder, ctx["store"], entry)
 
-    return Deployment(label("tspack", key, variant.runtime, variant.label, variant.batch_size), start,
+    config = variant.label + (TUNED if tuned else "") + (DEFAULT if default else "")
+    return Deployment(label("tspack", key, variant.runtime, config, variant.batch_size), start,
                       [(ctx["bodies"][kind], every, first) for kind, every, first in loads], cold, jvm=True)
 
 
@@ -386,7 +406,7 @@ def runtimes(s: Settings, key: str) -> tuple[str, ...]:
     """The runtimes of the sweep and the limit: TorchScript first (the one every system runs)."""
     if s.quick or key == "light":
         return ("torchscript",)
-    return ("torchscript", "onnx", "onnx-int8")
+    return ("torchscript", "onnx-int8")  # ONNX fp32 served no faster than TorchScript here (38 vs 39 req/s)
 
 
 def limit_sweep(key: str) -> Step:
@@ -414,16 +434,12 @@ def sweep(key: str) -> Step:
         for deployment in sweep_deployments(bench, key):
             with ExitStack() as stack:
                 bench.rounds.run(bench.open_deployment(stack, deployment), 1, f"{key} sweep", phase="sweep")
-        if s.on("tspack") and key == "light":  # the best batching configuration as ONNX, and the unbatched floors
-            best = chosen_variant(bench, key)
-            extra = [tspack_deployment(bench, key, replace(best, runtime="onnx"), [("json", (32, 1), ())])]
+        if s.on("tspack") and key == "light":
             # The c=1 floor without batching: TorchServe 0.12 cannot batch without a wait of >= 1 ms (a maxBatchDelay
-            # of 0 falls back to its 100 ms default), so these rows show what that wait costs.
-            extra += [tspack_deployment(bench, key, Variant(r, 1, 1, 1, 0), [("json", (1,), ())])
-                      for r in ("torchscript", "onnx")]
-            for deployment in extra:
-                with ExitStack() as stack:
-                    bench.rounds.run(bench.open_deployment(stack, deployment), 1, f"{key} sweep", phase="sweep")
+            # of 0 falls back to its 100 ms default), so this row shows what zero-wait and a wait cost a lone client.
+            unbatched = tspack_deployment(bench, key, Variant("torchscript", 1, 1, 1, 0), [("json", (1,), ())])
+            with ExitStack() as stack:
+                bench.rounds.run(bench.open_deployment(stack, unbatched), 1, f"{key} sweep", phase="sweep")
 
     return Step(f"sweep {key}", run)
 
@@ -437,8 +453,6 @@ def sweep_deployments(bench: Bench, key: str) -> list[Deployment]:
         found += [tspack_deployment(bench, key, v, [(body, (32, *c1), ())]) for v in s.variants(key)]
         found += [tspack_deployment(bench, key, Variant(r, 1, 2, 8, 5), [("npy", (32,), ())])
                   for r in runtimes(s, key)[1:]]
-    if s.on("fastapi"):
-        found += [fastapi_deployment(bench, key, w, t, [(body, (32,), ())]) for w, t in s.fastapi_configs()]
     if s.on("litserve") and key == "light":
         found += [litserve_deployment(bench, key, b, t, n, [("json", (32,), ())])
                   for b, t, n in s.litserve_configs(key)]
@@ -454,11 +468,9 @@ def best_config(bench: Bench, system: str, key: str, runtime: str = "torchscript
     return max(rows, key=lambda r: r["requests_per_s"])["config"] if rows else None
 
 
-def chosen_variant(bench: Bench, key: str, batching: str | None = None) -> Variant | None:
-    """The sweep's best tspack configuration (of one batching mode when given; None when that mode has none)."""
-    variants = {v.label: v for v in bench.settings.variants(key) if batching in (None, v.batching)}
-    if not variants:
-        return None
+def chosen_variant(bench: Bench, key: str) -> Variant:
+    """The sweep's best tspack configuration (the first one when the sweep did not run)."""
+    variants = {v.label: v for v in bench.settings.variants(key)}
     rows = [r for r in bench.rows if r.get("phase") == "sweep" and r["system"] == "tspack" and r["model"] == key
             and r["runtime"] == "torchscript" and r.get("concurrency") == 32 and r["config"] in variants]
     best = max(rows, key=lambda r: r["requests_per_s"])["config"] if rows else None
@@ -498,29 +510,34 @@ def comparison(key: str) -> Step:
 def comparison_deployments(bench: Bench, key: str) -> list[Deployment]:
     s = bench.settings
     found = []
-    fastapi = {fastapi_config(*config): config for config in s.fastapi_configs()}
     litserve = {litserve_config(*config): config for config in s.litserve_configs(key)}
     if s.on("tspack"):
         best = chosen_variant(bench, key)
         if key == "light":
-            # The deployment `tspack build` writes by default, whatever won the sweep (issue 14), and beside it the
-            # sweep's best fixed-delay configuration, in the same rounds.
+            # The deployment `tspack build` writes by default, whatever won the sweep (issue 14), with every body;
+            # beside it zero-wait batching, what `tspack tune` chose, and the default as aoti, in the same rounds.
             default = s.variants(key)[0]
             found.append(tspack_deployment(bench, key, default, [("json", (32, 1), ()), ("npy", (32,), ()),
                                                                  ("oip-json", (32,), ()), ("oip-binary", (32,), ())],
-                                           cold=True))
-            delay = chosen_variant(bench, key, batching="delay")
-            if delay is not None:
-                found.append(tspack_deployment(bench, key, delay, [("json", (32, 1), ())]))
+                                           cold=True, default=True))
+            zero_wait = next((v for v in s.variants(key) if v.batching == "zero_wait" and v != default), None)
+            if zero_wait is not None:
+                found.append(tspack_deployment(bench, key, zero_wait, [("json", (32, 1), ())]))
+            tuned = bench.ctx[key].get("tuned")
+            if tuned is not None:  # issue 14: what `tspack tune` chose, beside the default
+                found.append(tspack_deployment(bench, key, tuned, [("json", (32,), (1,))], tuned=True))
             if not s.quick:  # issue 12: the same deployment with format aoti (compiled once, then cached)
                 found.append(tspack_deployment(bench, key, replace(default, runtime="aoti"),
-                                               [("json", (32,), (1,))]))
+                                               [("json", (32,), (1,))], default=True))
         else:
             found.append(tspack_deployment(bench, key, best, [("npy", (32,), (1,)), ("json", (32,), (1,))]))
-    bodies = [("json", (32,), (1,))] if key == "light" else [("npy", (32,), (1,)), ("json", (32,), (1,))]
     if s.on("fastapi"):
-        w, t = fastapi.get(best_config(bench, "fastapi", key) or "", s.fastapi_configs()[0])
-        found.append(fastapi_deployment(bench, key, w, t, bodies))
+        # Every FastAPI layout in every round, so each round's FastAPI figure is its best layout of that round (a
+        # sweep picked one layout from a single run, and 2 uvicorn workers swing with how the kernel spreads the
+        # connections). The first gets every body and c=1 too.
+        bodies = [("json", (32,), (1,))] if key == "light" else [("npy", (32,), (1,)), ("json", (32,), (1,))]
+        for index, (w, t) in enumerate(s.fastapi_configs()):
+            found.append(fastapi_deployment(bench, key, w, t, bodies if index == 0 else bodies[:1]))
     if s.on("litserve"):
         b, t, n = litserve.get(best_config(bench, "litserve", key) or "", s.litserve_configs(key)[0])
         found.append(litserve_deployment(bench, key, b, t, n, [("json", (32,), (1,))]))
@@ -559,6 +576,50 @@ def worker_cold_start_step(key: str = "light") -> Step:
     return Step("worker cold start", run)
 
 
+TUNE_BUDGET_S = 60.0
+
+
+def tune_step(key: str = "light") -> Step:
+    """Issue 14: `tspack tune` on the spec of the default deployment (SLO p99 50 ms, 1 and 32 clients, TUNE_BUDGET_S
+    seconds); the configuration it chose joins the comparison's rounds beside the default."""
+
+    def run(bench: Bench) -> None:
+        import yaml
+
+        from archiver.operate.tune.search import TuneSettings
+        from archiver.operate.tune.session import tune
+
+        s, ctx, model = bench.settings, bench.ctx[key], MODELS[key]
+        default = s.variants(key)[0]
+        folder = os.path.join(s.work, "tune")
+        os.makedirs(folder, exist_ok=True)
+        spec_path = os.path.join(folder, f"{model.name}.yaml")
+        spec = {"models": [artifacts.model_spec(model, default, artifacts.weights(model, s.work))],
+                "model_store": os.path.abspath(ctx["store"])}
+        with open(spec_path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(spec, f, sort_keys=False)
+        result = tune(TuneSettings(spec_path, default.archive_name(model), concurrency=(1, 32),
+                                   budget_s=TUNE_BUDGET_S, duration_s=3.0, report_dir=os.path.join(folder, "report"),
+                                   progress=False))
+        bench.tune = {"budget_s": TUNE_BUDGET_S, "slo_p99_ms": 50.0, "concurrency": [1, 32],
+                      "trials": len(result.trials), "verdict": result.verdict,
+                      "winner": result.winner.config.describe() if result.winner else None}
+        bench.log(f"  tspack tune, {len(result.trials)} configurations in {TUNE_BUDGET_S:.0f} s: {result.verdict}")
+        if result.winner is not None:
+            ctx["tuned"] = tuned_variant(default.runtime, result.winner.config)
+
+    return Step(f"tune {key}", run)
+
+
+def tuned_variant(runtime: str, config) -> Variant:
+    """The bench's Variant of a `tspack tune` configuration (archiver.operate.tune.space.Config)."""
+    if config.batch_size == 1:
+        return Variant(runtime, config.workers, config.threads, 1, 0)
+    if config.batching == "zero_wait":
+        return Variant(runtime, config.workers, config.threads, config.batch_size, batching="zero_wait")
+    return Variant(runtime, config.workers, config.threads, config.batch_size, config.delay_ms)
+
+
 def demo_cold_start_step() -> Step:
     def run(bench: Bench) -> None:
         from benchmarks.cold_start import demo_cold_start
@@ -587,6 +648,8 @@ def plan(s: Settings) -> list[Step]:
             steps.append(limit_sweep(key))
         if not s.quick:
             steps.append(sweep(key))
+            if key == "light" and s.on("tspack"):
+                steps.append(tune_step(key))
         steps.append(comparison(key))
     if s.on("tspack") and not s.quick:
         if "light" in s.models:

@@ -65,17 +65,29 @@ def _batching(row: dict) -> bool:
     return row["batch_size"] > 1
 
 
+TUNED = " (tspack tune)"  # the config label of the deployment `tspack tune` chose, in the light rounds
+DEFAULT = " (default)"  # the config label of the deployment `tspack build` writes without tuning, in the light rounds
+
+
+def _tuned(row: dict) -> bool:
+    return row["config"].endswith(TUNED)
+
+
+def _is_default(row: dict) -> bool:
+    return row["config"].endswith(DEFAULT)
+
+
 def _zero_wait(row: dict) -> bool:
-    return "zero-wait" in row["config"]
+    return "zero-wait" in row["config"] and not _tuned(row) and not _is_default(row)
 
 
 def _default(system: str, **kw) -> Pick:
-    """The light model's default deployment: what `tspack build` writes without tuning (zero-wait batching)."""
-    return Pick(system, "light", where=_zero_wait, **kw)
+    """The light model's default deployment: what `tspack build` writes without tuning."""
+    return Pick(system, "light", where=_is_default, **kw)
 
 
-def _delay(row: dict) -> bool:
-    return row["batch_size"] > 1 and "zero-wait" not in row["config"]
+def _batching(row: dict) -> bool:
+    return row["batch_size"] > 1
 
 
 def _unbatched(row: dict) -> bool:
@@ -84,30 +96,35 @@ def _unbatched(row: dict) -> bool:
 
 LIMIT_MODEL = {"body": None, "concurrency": None}  # the limit of the model alone
 RATIOS: tuple[Figure, ...] = (
-    # light model (MNIST CNN), JSON bodies, c=32 unless named; tspack is the default deployment (zero-wait batching)
+    # light model (MNIST CNN), JSON bodies, c=32 unless named; tspack is the default deployment
     Figure("tspack_over_fastapi_light", _default("tspack"), _light("fastapi"), goal=">= 1.5",
            about="req/s, tspack's default deployment vs FastAPI's best configuration"),
     Figure("tspack_over_litserve_light", _default("tspack"), _light("litserve"), goal=">= 1.5"),
     Figure("tspack_over_naive_light", _default("tspack"), _light("naive-torchserve"), goal=">= 15"),
     Figure("p99_over_fastapi_light", _default("tspack", metric="p99_ms"), _light("fastapi", metric="p99_ms"),
            goal="<= 1.0"),
-    Figure("zero_wait_over_best_delay_light", _default("tspack"), _light("tspack", where=_delay), goal=">= 1.0",
-           about="issue 14: the default (zero-wait) vs the sweep's best fixed-delay batching, same rounds"),
+    Figure("zero_wait_over_default_light", _light("tspack", where=_zero_wait), _default("tspack"),
+           about="issue 14: zero-wait batching vs the default (a fixed delay), same rounds"),
+    Figure("tuned_over_default_light", _light("tspack", where=_tuned), _default("tspack"),
+           about="issue 14: req/s of the deployment `tspack tune` chose (SLO p99 50 ms, clients 1 and 32) vs the "
+                 "default, same rounds"),
+    Figure("p99_ms_light_tuned", _light("tspack", metric="p99_ms", where=_tuned), about="ms, the tuned deployment"),
+    Figure("p99_ms_light_default", _default("tspack", metric="p99_ms"), about="ms, the default deployment"),
+    Figure("c1_p50_ms_light_tuned", _light("tspack", metric="p50_ms", concurrency=1, where=_tuned),
+           about="ms, the tuned deployment at c=1"),
     Figure("e2e_over_limit_light", _default("tspack"), _light("limit", **LIMIT_MODEL),
            about="vs the model alone in-process, best layout"),
     Figure("e2e_over_limit_decode_light", _default("tspack"), _light("limit", concurrency=None),
            about="vs decode + model in-process (the handler's own path on the same JSON body), best layout"),
     Figure("c1_p50_ms_light", _default("tspack", metric="p50_ms", concurrency=1), goal="<= 2.5",
            about="ms, the default deployment at c=1"),
-    Figure("c1_p50_ms_light_delay", _light("tspack", metric="p50_ms", concurrency=1, where=_delay),
-           about="ms, the best fixed-delay configuration at c=1"),
+    Figure("c1_p50_ms_light_zero_wait", _light("tspack", metric="p50_ms", concurrency=1, where=_zero_wait),
+           about="ms, zero-wait batching at c=1"),
     Figure("c1_p50_ms_light_min", _light("tspack", metric="p50_ms", concurrency=1, choose="min", where=_batching),
            phase="sweep", about="ms, the lowest c=1 p50 of any batching configuration"),
     Figure("c1_p50_ms_light_unbatched", _light("tspack", metric="p50_ms", concurrency=1, choose="min",
                                                where=_unbatched), phase="sweep", about="ms, batch 1, no wait"),
-    Figure("c1_p50_ms_light_unbatched_onnx", _light("tspack", runtime="onnx", metric="p50_ms", concurrency=1,
-                                                    choose="min", where=_unbatched), phase="sweep"),
-    Figure("aoti_over_torchscript_light", _light("tspack", runtime="aoti"), _default("tspack"), goal=">= 1.2",
+    Figure("aoti_over_torchscript_light", _default("tspack", runtime="aoti"), _default("tspack"), goal=">= 1.2",
            about="issue 12: the same deployment with format aoti vs torchscript"),
     Figure("oip_binary_over_json_light", _light("tspack", body="oip-binary"), _light("tspack", body="oip-json"),
            goal=">= 1.2", about="issue 15: OIP v2 binary tensor requests vs OIP JSON requests"),

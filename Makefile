@@ -38,7 +38,7 @@ integration: java $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
 # The serving benchmark (GitHub issues 6, 19): tspack vs the model alone, a naive TorchServe, FastAPI and LitServe, in
-# interleaved rounds (~17 min), then the text benchmark (issue 13: BERT-style classifier vs a FastAPI peer, ~5 min).
+# interleaved rounds (~16 min), then the text benchmark (issue 13: BERT-style classifier vs a FastAPI peer, ~3.5 min).
 # QUICK=1: light model only, one configuration each, 2 rounds (~2-3 min), and a short text run. Peers get benchmarks/.venv.
 bench: java $(STAMP)
 	$(BIN)/python -m benchmarks.bench $(if $(QUICK),--quick)

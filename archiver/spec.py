@@ -92,11 +92,14 @@ class SamplesSpec:
 
 
 DEFAULT_BATCH_DELAY_MS = 2
-# The batching of a spec that names neither a mode nor a delay. Measured by `make bench` (light CNN, 2 workers x 1
-# thread on 2 cores, medians of 3 interleaved rounds): zero_wait answered a lone client in 2.1 ms p50 against 5.3 ms
-# with the best fixed delay, and served 1.03x (0.96-1.31) the requests/s of that delay at 32 clients (one run of
-# `tspack tune` had fixed delays up to 1.29x ahead at 32 clients: tune when throughput matters more than lone clients).
-DEFAULT_BATCHING: Batching = "zero_wait"
+# The batching of a spec that names neither a mode nor a delay: TorchServe's own (delay). zero_wait answers a lone
+# client in 2.1 ms p50 against ~5 ms with a fixed delay (`make bench`, light CNN) and serves as many requests/s at 32
+# clients, but it runs on TorchServe 0.12's asynchronous frontend, which lost 4 workers in the 2 full `make bench`
+# runs of 2026-12-04 that served it: each time it threw "Unexpected job in sendResponse()" for an answer, dropped
+# the worker's connection, and its recovery of that worker then failed on every retry ("Received more than 1
+# control command"), so the model served on its other workers from then on. Not reproduced in ~630,000 requests of
+# load outside the benchmark; until it is, zero_wait is opt-in (README, "Zero-wait batching").
+DEFAULT_BATCHING: Batching = "delay"
 
 
 @dataclass(frozen=True)

@@ -439,7 +439,7 @@ def test_router_in_zero_wait_mode_names_each_requests_variant(router_dir, wire):
 
 
 @pytest.mark.parametrize("flags, mode, delay", [
-    ([], DEFAULT_BATCHING, 0),
+    ([], DEFAULT_BATCHING, 0 if DEFAULT_BATCHING == "zero_wait" else 2),
     (["--batching", "delay"], "delay", 2),
     (["--max-batch-delay", "5"], "delay", 5),
     (["--batching", "zero_wait"], "zero_wait", 0),

@@ -94,8 +94,8 @@ class SamplesSpec:
 DEFAULT_BATCH_DELAY_MS = 2
 # The batching of a spec that names neither a mode nor a delay: TorchServe's own (delay). zero_wait answers a lone
 # client in 2.1 ms p50 against ~5 ms with a fixed delay (`make bench`, light CNN) and serves as many requests/s at 32
-# clients, but it runs on TorchServe 0.12's asynchronous frontend, which lost 4 workers in the 2 full `make bench`
-# runs of 2026-12-04 that served it: each time it threw "Unexpected job in sendResponse()" for an answer, dropped
+# clients, but it runs on TorchServe 0.12's asynchronous frontend, which lost 4 workers in 2 of the 3 full `make
+# bench` runs of 2026-12-04 that served it: each time it threw "Unexpected job in sendResponse()" for an answer, dropped
 # the worker's connection, and its recovery of that worker then failed on every retry ("Received more than 1
 # control command"), so the model served on its other workers from then on. Not reproduced in ~630,000 requests of
 # load outside the benchmark; until it is, zero_wait is opt-in (README, "Zero-wait batching").

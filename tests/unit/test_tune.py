@@ -10,7 +10,7 @@ import yaml
 
 from archiver.operate.tune.load import EXAMPLE_REQUESTS, Level, request_body
 from archiver.operate.tune.measure import Trial
-from archiver.operate.tune.report import plot, table_rows
+from archiver.operate.tune.report import plot, table_rows, verdict
 from archiver.operate.tune.search import Search, TuneSettings, dimensions, meets_slo, pareto, winner
 from archiver.operate.tune.space import Config, Runtime, batchings, pick_model, worker_layouts, write_tuned_spec
 from archiver.spec import DeploySpec, SamplesSpec, ServingSpec
@@ -172,6 +172,15 @@ def test_report_table_and_plot(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000
+
+
+def test_a_zero_wait_winner_comes_with_its_caution():
+    settings = TuneSettings("spec.yaml", "m", slo_p99_ms=50, concurrency=(1, 32))
+    delay = trial(1, config(), [(1, 100, 5), (32, 900, 40)])
+    zero_wait = trial(2, config(batching="zero_wait", delay_ms=0), [(1, 300, 3), (32, 950, 35)])
+    assert "opt-in" not in verdict(delay, settings)
+    said = verdict(zero_wait, settings)
+    assert said.startswith("Winner under the p99 SLO of 50 ms: #2") and "Zero-wait is opt-in" in said
 
 
 def test_every_front_end_has_an_example_request():

@@ -51,9 +51,13 @@ def verdict(winner: Optional[Trial], settings: TuneSettings) -> str:
         return (f"No configuration kept p99 within {settings.slo_p99_ms:g} ms at every concurrency without errors; "
                 f"nothing was written. Raise --slo-p99-ms, lower the top concurrency, or add cores.")
     level = winner.levels[-1]
-    return (f"Winner under the p99 SLO of {settings.slo_p99_ms:g} ms: #{winner.number}, "
+    said = (f"Winner under the p99 SLO of {settings.slo_p99_ms:g} ms: #{winner.number}, "
             f"{winner.config.describe()}: {level.requests_per_s:.0f} requests/s at {top} clients, "
             f"p99 {level.p99_ms:.1f} ms.")
+    if winner.config.batching == "zero_wait" and winner.config.batch_size > 1:
+        said += (" Zero-wait is opt-in: TorchServe 0.12's asynchronous frontend has lost workers under load "
+                 "(README, \"Zero-wait batching\"); watch the READY worker count.")
+    return said
 
 
 def write(folder: str, trials: list[Trial], settings: TuneSettings, winner: Optional[Trial],

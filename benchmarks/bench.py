@@ -512,7 +512,6 @@ def comparison_deployments(bench: Bench, key: str) -> list[Deployment]:
     found = []
     litserve = {litserve_config(*config): config for config in s.litserve_configs(key)}
     if s.on("tspack"):
-        best = chosen_variant(bench, key)
         if key == "light":
             # The deployment `tspack build` writes by default, whatever won the sweep (issue 14), with every body;
             # beside it zero-wait batching, what `tspack tune` chose, and the default as aoti, in the same rounds.
@@ -529,8 +528,9 @@ def comparison_deployments(bench: Bench, key: str) -> list[Deployment]:
             if not s.quick:  # issue 12: the same deployment with format aoti (compiled once, then cached)
                 found.append(tspack_deployment(bench, key, replace(default, runtime="aoti"),
                                                [("json", (32,), (1,))], default=True))
-        else:
-            found.append(tspack_deployment(bench, key, best, [("npy", (32,), (1,)), ("json", (32,), (1,))]))
+        else:  # heavy: the sweep's best configuration
+            found.append(tspack_deployment(bench, key, chosen_variant(bench, key),
+                                           [("npy", (32,), (1,)), ("json", (32,), (1,))]))
     if s.on("fastapi"):
         # Every FastAPI layout in every round, so each round's FastAPI figure is its best layout of that round (a
         # sweep picked one layout from a single run, and 2 uvicorn workers swing with how the kernel spreads the

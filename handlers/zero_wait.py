@@ -263,8 +263,7 @@ def release_jobs(bodies: list, requests: list[Request], data: list, context: Any
     bodies = list(bodies)
     ends = [True] * len(bodies)
     for i in http:
-        ends[i] = None  # leave ts_stream_next unset: the twin below ends this job
-    for i in http:
+        ends[i] = None  # leave ts_stream_next unset: the twin appended here ends this job
         context.request_ids[len(bodies)] = context.request_ids[i]
         context.request_processor.append(RequestProcessor({}))
         data.append(None)

@@ -122,6 +122,9 @@ class ServingSpec:
     devices: Union[Literal["cpu", "all"], tuple[int, ...]] = "cpu"
     workers_per_gpu: int = 1
     cpu_fallback: bool = True
+    # Workers keep the memory they free for the next batch rather than returning it to the OS (handlers/allocator.py:
+    # ~10% more samples/s for batched CNNs on CPU, at the cost of holding their peak heap).
+    keep_freed_memory: bool = True
     # The worker's response cache (handlers/cache.py); None: off. Only for deterministic models.
     cache: Optional[CacheConfig] = None
 

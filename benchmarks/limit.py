@@ -149,7 +149,13 @@ def _run(pipeline, command: dict) -> dict:
 
 
 def child(mar_path: str, threads: int) -> None:
-    """Load the archive, say ready, then answer one JSON command a line until stdin closes."""
+    """Load the archive, say ready, then answer one JSON command a line until stdin closes.
+
+    The process keeps freed memory as the archive's workers do (handlers/allocator.py), so the limit is the
+    model's own speed, not the C library's."""
+    import yaml
+
+    from handlers.allocator import freed_memory_wanted, keep_freed_memory
     from handlers.device import Placement
     from handlers.pipeline import Pipeline
 
@@ -157,11 +163,17 @@ def child(mar_path: str, threads: int) -> None:
         try:
             with zipfile.ZipFile(mar_path) as archive:
                 archive.extractall(folder)
+            config_path = os.path.join(folder, "model-config.yaml")
+            handler_config = {}
+            if os.path.exists(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    handler_config = (yaml.safe_load(f) or {}).get("handler") or {}
+            kept = freed_memory_wanted(handler_config) and keep_freed_memory()
             pipeline = Pipeline.load(folder, Placement(device="cpu", gpu_id=None, threads=threads))
         except Exception as exc:  # the parent shows it as the step's failure
             print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
             return
-        print(json.dumps({"ready": True, **pipeline.runtime.describe()}), flush=True)
+        print(json.dumps({"ready": True, "keep_freed_memory": kept, **pipeline.runtime.describe()}), flush=True)
         for line in sys.stdin:
             if line.strip():
                 try:

@@ -15,6 +15,7 @@ import time
 from typing import Any, ClassVar, Optional
 
 from handlers import jsonio
+from handlers.allocator import freed_memory_wanted, keep_freed_memory
 from handlers.cache import cache_for
 from handlers.device import placement_for
 from handlers.errors import ModelLoadError
@@ -121,6 +122,7 @@ class TspackHandler(ServingHandler):
         self.pipeline: Optional[Pipeline] = None
         self.model_dir = ""
         self.workflow_variant: Optional[str] = None
+        self.freed_memory_kept = False
 
     def load(self, context: Any) -> None:
         self.model_dir = context.system_properties["model_dir"]
@@ -130,6 +132,8 @@ class TspackHandler(ServingHandler):
                 f"archive was built for the '{manifest.frontend}' front end "
                 f"but its handler serves '{self.frontend_name}'")
         placement = placement_for(context, manifest.runtime.intra_op_threads)
+        handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        self.freed_memory_kept = freed_memory_wanted(handler_config) and keep_freed_memory()
         runtime = load_runtime(manifest, self.model_dir, placement)
         self.pipeline = Pipeline(manifest, frontend_for(manifest, self.model_dir), runtime, cache_for(context))
         self.metrics = HandlerMetrics(context, manifest)
@@ -160,7 +164,8 @@ class TspackHandler(ServingHandler):
     def describe(self) -> dict:
         description = self.pipeline.describe()
         description["handler"] = {"class": type(self).__name__,
-                                  "code_dir": os.path.dirname(os.path.abspath(__file__))}
+                                  "code_dir": os.path.dirname(os.path.abspath(__file__)),
+                                  "keep_freed_memory": self.freed_memory_kept}
         return description
 
 

@@ -53,6 +53,8 @@ def model_config(serving: ServingSpec, gpus: int = 0, extra: Optional[dict] = No
         handler["intra_op_threads"] = serving.intra_op_threads
     if not serving.cpu_fallback:
         handler["cpu_fallback"] = False
+    if not serving.keep_freed_memory:  # read back by handlers/base.py
+        handler["keep_freed_memory"] = False
     if serving.cache is not None:  # read back by handlers/cache.py:cache_config
         handler["cache"] = to_dict(serving.cache)
     if handler:

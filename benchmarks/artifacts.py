@@ -205,6 +205,19 @@ def build_tspack(model: ModelDef, variants: list[Variant], work: str, store: str
     return {v: v.archive_name(model) for v in variants}
 
 
+def aoti_package(model: ModelDef, variant: Variant, work: str, store: str) -> str:
+    """The AOTInductor package (.pt2) that `tspack build` compiled for `variant` (format aoti), copied out of its
+    archive so a peer can load the very same compiled model."""
+    import zipfile
+
+    name = build_tspack(model, [variant], work, store)[variant]
+    path, mar = os.path.join(work, f"{name}.pt2"), os.path.join(store, f"{name}_v1.0.mar")
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(mar):
+        with zipfile.ZipFile(mar) as archive, open(path, "wb") as f:
+            f.write(archive.read("model.pt2"))
+    return path
+
+
 def build_naive(model: ModelDef, work: str, store: str) -> str:
     """The archive a user makes from TorchServe's docs: TorchScript file + a BaseHandler subclass."""
     from model_archiver import ModelArchiver, ModelArchiverConfig

@@ -88,8 +88,15 @@ class Settings:
             return (8,)
         return (8, 32) if key == "light" else (1, 8)
 
-    def fastapi_configs(self) -> list[tuple[int, int]]:
-        return [(2, 1)] if self.quick else [(2, 1), (1, 2)]
+    def fastapi_configs(self, key: str) -> list[tuple[int, int, str]]:
+        """(uvicorn workers, torch threads, runtime). Light: 1 worker x 2 threads served about half of 2 x 1 in every
+        full run, so its place goes to FastAPI serving the AOTInductor package tspack compiled (issue 14: the
+        runtime's share of tspack's aoti figure)."""
+        if self.quick:
+            return [(2, 1, "torchscript")]
+        if key == "light":
+            return [(2, 1, "torchscript"), (2, 1, "aoti")]
+        return [(2, 1, "torchscript"), (1, 2, "torchscript")]
 
     def litserve_configs(self, key: str) -> list[tuple[int, float, int]]:
         """(max batch, batch timeout s, torch threads); LitServe runs one inference worker. Its 2-thread configs
@@ -352,13 +359,19 @@ def litserve_config(max_batch: int, timeout_s: float, threads: int) -> str:
     return f"{batching}, 1 worker x {threads}t"
 
 
-def fastapi_deployment(bench: Bench, key: str, workers: int, threads: int,
+def fastapi_deployment(bench: Bench, key: str, workers: int, threads: int, runtime: str,
                        loads: list[tuple[str, tuple, tuple]]) -> Deployment:
+    """FastAPI on the TorchScript file, or (runtime "aoti") on the package compiled for tspack's default as aoti."""
     ctx = bench.ctx[key]
-    env = {**peer_env(key, threads), "BENCH_MODEL": ctx["torchscript"]}
-    log = os.path.join(bench.settings.work, "servers", f"fastapi-{key}-{workers}w{threads}t.log")
-    return Deployment(label("fastapi", key, "torchscript", fastapi_config(workers, threads), 1),
-                      lambda: systems.start_peer("fastapi", bench.ctx["python"], [str(workers)], env, log),
+    log = os.path.join(bench.settings.work, "servers", f"fastapi-{key}-{runtime}-{workers}w{threads}t.log")
+
+    def start() -> systems.Served:
+        model = ctx["torchscript"] if runtime == "torchscript" else artifacts.aoti_package(
+            MODELS[key], replace(bench.settings.variants(key)[0], runtime=runtime), bench.settings.work, ctx["store"])
+        env = {**peer_env(key, threads), "BENCH_MODEL": model}
+        return systems.start_peer("fastapi", bench.ctx["python"], [str(workers)], env, log)
+
+    return Deployment(label("fastapi", key, runtime, fastapi_config(workers, threads), 1), start,
                       [(ctx["bodies"][kind], every, first) for kind, every, first in loads])
 
 
@@ -536,8 +549,8 @@ def comparison_deployments(bench: Bench, key: str) -> list[Deployment]:
         # sweep picked one layout from a single run, and 2 uvicorn workers swing with how the kernel spreads the
         # connections). The first gets every body and c=1 too.
         bodies = [("json", (32,), (1,))] if key == "light" else [("npy", (32,), (1,)), ("json", (32,), (1,))]
-        for index, (w, t) in enumerate(s.fastapi_configs()):
-            found.append(fastapi_deployment(bench, key, w, t, bodies if index == 0 else bodies[:1]))
+        for index, (w, t, runtime) in enumerate(s.fastapi_configs(key)):
+            found.append(fastapi_deployment(bench, key, w, t, runtime, bodies if index == 0 else bodies[:1]))
     if s.on("litserve"):
         b, t, n = litserve.get(best_config(bench, "litserve", key) or "", s.litserve_configs(key)[0])
         found.append(litserve_deployment(bench, key, b, t, n, [("json", (32,), (1,))]))

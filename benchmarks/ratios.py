@@ -98,7 +98,7 @@ LIMIT_MODEL = {"body": None, "concurrency": None}  # the limit of the model alon
 RATIOS: tuple[Figure, ...] = (
     # light model (MNIST CNN), JSON bodies, c=32 unless named; tspack is the default deployment
     Figure("tspack_over_fastapi_light", _default("tspack"), _light("fastapi"), goal=">= 1.5",
-           about="req/s, tspack's default deployment vs FastAPI's best configuration"),
+           about="req/s, tspack's default deployment vs FastAPI's best configuration, both on TorchScript"),
     Figure("tspack_over_litserve_light", _default("tspack"), _light("litserve"), goal=">= 1.5"),
     Figure("tspack_over_naive_light", _default("tspack"), _light("naive-torchserve"), goal=">= 15"),
     Figure("p99_over_fastapi_light", _default("tspack", metric="p99_ms"), _light("fastapi", metric="p99_ms"),
@@ -126,6 +126,8 @@ RATIOS: tuple[Figure, ...] = (
                                                where=_unbatched), phase="sweep", about="ms, batch 1, no wait"),
     Figure("aoti_over_torchscript_light", _default("tspack", runtime="aoti"), _default("tspack"), goal=">= 1.2",
            about="issue 12: the same deployment with format aoti vs torchscript"),
+    Figure("aoti_over_fastapi_aoti_light", _default("tspack", runtime="aoti"), _light("fastapi", runtime="aoti"),
+           about="issue 14: the default deployment as aoti vs FastAPI serving the same compiled package"),
     Figure("oip_binary_over_json_light", _light("tspack", body="oip-binary"), _light("tspack", body="oip-json"),
            goal=">= 1.2", about="issue 15: OIP v2 binary tensor requests vs OIP JSON requests"),
     Figure("oip_binary_over_npy_light", _light("tspack", body="oip-binary"), _light("tspack", body="npy")),

@@ -82,7 +82,9 @@ NOTES = [
     "A row at 16 or more clients whose server used under 60% of the CPU (it left a core idle) is rerun the same "
     "way: with 2 uvicorn workers that is the kernel handing all 32 connections to one of them (821 req/s against "
     "1,100-1,480 when they are spread, light CNN, 12 runs in a row), so FastAPI's figures are its balanced ones. "
-    "FastAPI runs every layout in every round, and each round's FastAPI figure is its best layout of that round.",
+    "FastAPI runs every layout in every round, and each round's FastAPI figure is its best layout of that round on "
+    "the same runtime (light: 2 uvicorn workers on the TorchScript file, and on the `aoti` package tspack compiled, "
+    "for `aoti_over_fastapi_aoti_light`).",
     "tspack tune (issue 14): run on the light model's default spec (SLO p99 50 ms, 1 and 32 clients, its budget in "
     "`tune`) after the sweep; the configuration it chose is served in the light rounds beside the default, its "
     "config labelled `(tspack tune)`.",

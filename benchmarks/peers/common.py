@@ -24,9 +24,14 @@ def settings() -> dict:
     }
 
 
-def load_model(path: str, threads: int, shape: tuple) -> torch.jit.ScriptModule:
+def load_model(path: str, threads: int, shape: tuple):
+    """A TorchScript file, or an AOTInductor package (.pt2) as `tspack build` compiles it."""
     torch.set_num_threads(threads)
-    model = torch.jit.load(path).eval()
+    if path.endswith(".pt2"):
+        package = torch._inductor.aoti_load_package(path)
+        model = lambda x: package(x)[0]  # noqa: E731  (the package returns its outputs as a list)
+    else:
+        model = torch.jit.load(path).eval()
     with torch.inference_mode():  # two runs on zeros, as tspack's warm-up does
         for _ in range(2):
             model(torch.zeros((1, *shape)))

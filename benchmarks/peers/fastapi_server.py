@@ -1,8 +1,8 @@
 """FastAPI + uvicorn peer: `POST /predict` with `{"data": [...]}` (or .npy bytes), as FastAPI users write it.
 
 Run by the benchmark as `benchmarks/.venv/bin/python benchmarks/peers/fastapi_server.py PORT WORKERS`,
-with BENCH_MODEL (TorchScript file), BENCH_THREADS (torch threads per worker), BENCH_SHAPE, BENCH_TOP_K
-and BENCH_LABELS in the environment.
+with BENCH_MODEL (a TorchScript file or an AOTInductor .pt2), BENCH_THREADS (torch threads per worker),
+BENCH_SHAPE, BENCH_TOP_K and BENCH_LABELS in the environment.
 """
 
 import os

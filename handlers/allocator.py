@@ -33,7 +33,8 @@ def freed_memory_wanted(handler_config: dict) -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds high for this process; False where the C library is not glibc."""
+    """Fix glibc's mmap and trim thresholds high for this process; False where the C library has no mallopt or
+    refuses it (musl's is a stub)."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
@@ -41,5 +42,5 @@ def keep_freed_memory() -> bool:
         return False
     kept = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     if not kept:
-        logger.warning("tspack: glibc refused mallopt; freed memory goes back to the OS after each batch")
+        logger.warning("tspack: the C library refused mallopt; freed memory goes back to the OS after each batch")
     return kept

@@ -29,7 +29,9 @@ def load_model(path: str, threads: int, shape: tuple):
     torch.set_num_threads(threads)
     if path.endswith(".pt2"):
         package = torch._inductor.aoti_load_package(path)
-        model = lambda x: package(x)[0]  # noqa: E731  (the package returns its outputs as a list)
+
+        def model(x: torch.Tensor) -> torch.Tensor:
+            return package(x)[0]  # the package returns its outputs as a list
     else:
         model = torch.jit.load(path).eval()
     with torch.inference_mode():  # two runs on zeros, as tspack's warm-up does

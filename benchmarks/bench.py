@@ -367,7 +367,7 @@ def fastapi_deployment(bench: Bench, key: str, workers: int, threads: int, runti
 
     def start() -> systems.Served:
         model = ctx["torchscript"] if runtime == "torchscript" else artifacts.aoti_package(
-            MODELS[key], replace(bench.settings.variants(key)[0], runtime=runtime), bench.settings.work, ctx["store"])
+            MODELS[key], default_variant(runtime), bench.settings.work, ctx["store"])
         env = {**peer_env(key, threads), "BENCH_MODEL": model}
         return systems.start_peer("fastapi", bench.ctx["python"], [str(workers)], env, log)
 

@@ -153,8 +153,7 @@ def child(mar_path: str, threads: int) -> None:
 
     The process keeps freed memory as the archive's workers do (handlers/allocator.py), so the limit is the
     model's own speed, not the C library's."""
-    import yaml
-
+    from archiver.package.archive import archive_info
     from handlers.allocator import freed_memory_wanted, keep_freed_memory
     from handlers.device import Placement
     from handlers.pipeline import Pipeline
@@ -163,12 +162,7 @@ def child(mar_path: str, threads: int) -> None:
         try:
             with zipfile.ZipFile(mar_path) as archive:
                 archive.extractall(folder)
-            config_path = os.path.join(folder, "model-config.yaml")
-            handler_config = {}
-            if os.path.exists(config_path):
-                with open(config_path, encoding="utf-8") as f:
-                    handler_config = (yaml.safe_load(f) or {}).get("handler") or {}
-            kept = freed_memory_wanted(handler_config) and keep_freed_memory()
+            kept = freed_memory_wanted(archive_info(mar_path)[2].get("handler") or {}) and keep_freed_memory()
             pipeline = Pipeline.load(folder, Placement(device="cpu", gpu_id=None, threads=threads))
         except Exception as exc:  # the parent shows it as the step's failure
             print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)

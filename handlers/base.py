@@ -132,8 +132,7 @@ class TspackHandler(ServingHandler):
                 f"archive was built for the '{manifest.frontend}' front end "
                 f"but its handler serves '{self.frontend_name}'")
         placement = placement_for(context, manifest.runtime.intra_op_threads)
-        handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
-        self.freed_memory_kept = freed_memory_wanted(handler_config) and keep_freed_memory()
+        self.freed_memory_kept = freed_memory_wanted(handler_config(context)) and keep_freed_memory()
         runtime = load_runtime(manifest, self.model_dir, placement)
         self.pipeline = Pipeline(manifest, frontend_for(manifest, self.model_dir), runtime, cache_for(context))
         self.metrics = HandlerMetrics(context, manifest)
@@ -169,6 +168,11 @@ class TspackHandler(ServingHandler):
         return description
 
 
+def handler_config(context: Any) -> dict:
+    """The `handler:` section of the archive's model-config.yaml, as TorchServe hands it to the worker."""
+    return (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+
+
 def quiet_worker_logs(context: Any) -> None:
     """Stop the per-request INFO lines of TorchServe's worker ("Backend received inference at: ...").
 
@@ -176,8 +180,7 @@ def quiet_worker_logs(context: Any) -> None:
     Warnings and errors still pass, and so do metrics (ts.metrics keeps INFO). model-config.yaml's
     `handler: {worker_log_level: INFO}` keeps TorchServe's default.
     """
-    handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
-    level = str(handler_config.get("worker_log_level", "WARNING")).upper()
+    level = str(handler_config(context).get("worker_log_level", "WARNING")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         level = "WARNING"
     logging.getLogger().setLevel(level)

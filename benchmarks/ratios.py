@@ -147,11 +147,13 @@ RATIOS: tuple[Figure, ...] = (
     Figure("tspack_over_litserve_heavy", _heavy("tspack"), _heavy("litserve"),
            about="JSON bodies (LitServe parses every body as JSON)"),
     Figure("tspack_over_naive_heavy", _heavy("tspack"), _heavy("naive-torchserve"), about="JSON bodies"),
-    Figure("e2e_over_limit_heavy", _heavy("tspack", body="npy"), _heavy("limit", **LIMIT_MODEL), goal=">= 0.90",
-           about="vs the model alone in-process, best layout and batch"),
+    # Issue 19's true limit is measured "on the same body decoding where the row says so": for a row of .npy bodies,
+    # decode + model. The model alone, with no body to read, bounds no server that receives bytes; it stays beside.
+    Figure("e2e_over_limit_heavy", _heavy("tspack", body="npy"), _heavy("limit", **LIMIT_MODEL),
+           about="vs the model alone in-process (no body to decode), best layout and batch"),
     Figure("e2e_over_limit_decode_heavy", _heavy("tspack", body="npy"), _heavy("limit", body="npy",
-                                                                                concurrency=None),
-           about="vs decode + model in-process on the same .npy body"),
+                                                                                concurrency=None), goal=">= 0.90",
+           about="vs the true limit: decode + model in-process on the same .npy body, best layout and batch"),
 )
 RATIO_KEYS = tuple(f.key for f in RATIOS) + ("e2e_over_limit_heavy_best_runtime", "heavy_best_runtime",
                                              "cold_start_s", "cold_start_light_s")

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, ClassVar, Optional
 
-from handlers import jsonio
+from handlers import jsonio, read_ahead
 from handlers.allocator import freed_memory_wanted, keep_freed_memory
 from handlers.cache import cache_for
 from handlers.device import placement_for
@@ -62,10 +62,12 @@ class ServingHandler:
         self.context: Any = None
         self.metrics: Optional[HandlerMetrics] = None
         self.zero_wait: Optional[DrainingWorker] = None
+        self.read_ahead = False
 
     def initialize(self, context: Any) -> None:
         self.context = context
         self.load(context)
+        self.read_ahead = read_ahead.install()
         zero_wait = zero_wait_config(getattr(context, "model_yaml_config", None))
         if zero_wait is not None:
             self.zero_wait = DrainingWorker(zero_wait, self.handle, self.refuse)
@@ -164,7 +166,7 @@ class TspackHandler(ServingHandler):
         description = self.pipeline.describe()
         description["handler"] = {"class": type(self).__name__,
                                   "code_dir": os.path.dirname(os.path.abspath(__file__)),
-                                  "keep_freed_memory": self.freed_memory_kept}
+                                  "keep_freed_memory": self.freed_memory_kept, "read_ahead": self.read_ahead}
         return description
 
 

@@ -15,8 +15,6 @@ and queued requests in an asyncio batcher inside the handler; at c=1 it added ab
 from __future__ import annotations
 
 import logging
-import select
-import socket
 import sys
 import time
 import traceback
@@ -28,6 +26,7 @@ from typing import Any, Optional
 from ts.protocol.otf_message_handler import create_predict_response, retrieve_msg
 from ts.service import PREDICTION_METRIC, Service
 
+from handlers import read_ahead
 from handlers.errors import ModelLoadError, Overloaded, SpecError
 from handlers.request import Request
 from handlers.spec import parse, require
@@ -71,38 +70,6 @@ def zero_wait_config(model_yaml_config: Optional[dict]) -> Optional[ZeroWaitConf
         raise ModelLoadError(f"model-config.yaml: {exc}") from exc
 
 
-class BufferedSocket:
-    """`recv(n)` served from a 64 KiB buffer filled by one system call.
-
-    TorchServe's message parser (`retrieve_msg`) reads every field, and every header's name and value, with a
-    `recv` of its own: some forty system calls per request. It only ever calls `recv`, so it reads from this.
-    """
-
-    CHUNK = 1 << 16
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self._buffer = b""
-        self._offset = 0
-        self._poll = select.poll()  # not select.select: it refuses descriptors >= 1024
-        self._poll.register(sock, select.POLLIN)
-
-    def recv(self, length: int) -> bytes:
-        if self._offset >= len(self._buffer):
-            if length >= self.CHUNK:  # a large body: straight from the socket, without a second copy
-                return self.sock.recv(length)
-            self._buffer, self._offset = self.sock.recv(self.CHUNK), 0
-            if not self._buffer:
-                return b""  # the frontend closed the connection: the parser exits the worker
-        piece = self._buffer[self._offset:self._offset + length]
-        self._offset += len(piece)
-        return piece
-
-    def readable(self) -> bool:
-        """Whether a read would return at once: bytes left in the buffer, or waiting in the socket (or its end)."""
-        return self._offset < len(self._buffer) or bool(self._poll.poll(0))
-
-
 def is_describe(message: list[dict]) -> bool:
     """TorchServe's `describe` call (GET /models/{name}?customized=true) carries the header describe=True."""
     return any(h.get("name") == b"describe" for request in message for h in request.get("headers") or ())
@@ -133,7 +100,7 @@ class DrainingWorker:
     def run(self, service: Any) -> Optional[str]:
         """Serve `service`'s socket until the frontend disconnects (the worker process then exits, as TorchServe's
         own loop does). Returns an error text for TorchServe's worker to raise, as AsyncService.run does."""
-        reader = BufferedSocket(service.cl_socket)
+        reader = read_ahead.reader_for(service.cl_socket)
         pending: deque[list[dict]] = deque()
         try:
             while True:
@@ -156,8 +123,8 @@ class DrainingWorker:
             logger.exception("zero-wait worker loop failed")
             return traceback.format_exc()
 
-    def _read(self, reader: BufferedSocket, service: Any, pending: deque) -> None:
-        command, message = retrieve_msg(reader)
+    def _read(self, reader: read_ahead.SocketReader, service: Any, pending: deque) -> None:
+        command, message = retrieve_msg(reader.conn)
         if command != b"I" or not message:
             logger.warning("zero-wait worker: unexpected command %r ignored", command)
             return
@@ -209,6 +176,9 @@ class DrainingWorker:
         """
         from ts.async_service import AsyncService
 
+        if not read_ahead.install():  # the loop asks the reader whether a request is waiting
+            raise ModelLoadError("zero-wait batching needs TorchServe 0.12's worker protocol "
+                                 "(ts.protocol.otf_message_handler._retrieve_buffer)")
         worker = self
         AsyncService.run = lambda service_wrapper: worker.run(service_wrapper.service)
 

@@ -143,7 +143,7 @@ def test_served_handler_code_comes_from_the_archive(client, server):
     described = client.describe("digits", "1.0", customized=True)[0]["customizedMetadata"]
     described = json.loads(described) if isinstance(described, str) else described
     assert described["handler"]["code_dir"].startswith(server.tmp_dir)
-    assert described["handler"]["keep_freed_memory"] is True
+    assert described["handler"]["keep_freed_memory"] is True and described["handler"]["read_ahead"] is True
     assert described["validation"]["passed"] is True
 
 

@@ -146,7 +146,7 @@ def test_describe_reports_runtime_spec_and_validation(handler):
     assert described["validation"]["passed"] is True
     assert described["validation"]["max_abs_error"] <= 1e-4
     assert described["handler"]["class"] == "TensorHandler"
-    assert described["handler"]["keep_freed_memory"] is True
+    assert described["handler"]["keep_freed_memory"] is True and described["handler"]["read_ahead"] is True
 
 
 def test_threads_default_to_cores_per_worker(digits_dir, monkeypatch):

@@ -3,7 +3,7 @@
 TorchServe 0.12's worker (ts/protocol/otf_message_handler.py) reads every field of a request with its own recv():
 the request id, each header's name and value and their lengths, each parameter's name, content type and body.
 Measured here on the light CNN's JSON bodies (batch 8): ~33 recv() calls per request (strace of a served worker), and
-TorchServe's parser took 0.32-0.34 ms per batch message through a socket pair against 0.17-0.20 ms reading ahead,
+TorchServe's parser took 0.30-0.34 ms per batch message through a socket pair against 0.15-0.20 ms reading ahead,
 ~0.02 ms per request of a worker's ~0.75.
 
 `install()` replaces that module's `_retrieve_buffer` (the one function every read goes through; `retrieve_msg`

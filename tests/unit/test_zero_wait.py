@@ -14,9 +14,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ts.protocol import otf_message_handler
 
 from archiver.package.archive import model_config
 from archiver.spec import DEFAULT_BATCHING, DeploySpec, ServingSpec
+from handlers import read_ahead
 from handlers.ab_router import VARIANT_HEADER, ABRouterHandler
 from handlers.errors import ModelLoadError, SpecError
 from handlers.request import Request
@@ -167,8 +169,10 @@ def context_for():
 @pytest.fixture
 def wire(monkeypatch):
     """(frontend, worker socket); the worker's loop ends when the frontend's end closes. Bodies reach the handler as
-    bytes, as with tspack's decode_input_request=false."""
+    bytes, as with tspack's decode_input_request=false. The worker reads ahead, as DrainingWorker.install has it."""
     monkeypatch.setenv("TS_DECODE_INPUT_REQUEST", "false")
+    monkeypatch.setattr(otf_message_handler, "_retrieve_buffer", otf_message_handler._retrieve_buffer)
+    assert read_ahead.install()
     frontend_end, worker_end = socket.socketpair()
     yield Frontend(frontend_end), worker_end
     frontend_end.close()
@@ -280,15 +284,17 @@ def test_a_handler_that_miscounts_its_answers_gets_errors_not_a_dead_loop(wire):
     assert "returned 1 answers for 2 requests" in json.loads(answers[0]["body"])["error"]
 
 
-def test_an_empty_message_is_skipped_and_a_large_body_crosses_buffer_refills(wire):
+def test_an_empty_message_is_skipped_and_large_bodies_cross_the_read_ahead_buffer(wire):
     frontend, worker_end = wire
     model = StubModel()
     model.release.set()
     serve(DrainingWorker(ZeroWaitConfig(max_batch=4), model.answer, model.refuse), worker_end, context_for())
-    large = b"7" * 200_000  # three 64 KiB refills, and more
-    frontend.send(b"I" + struct.pack("!i", -1), frame("big", large), frame("small", b"s"))
-    answers = frontend.answers(2)
+    large = b"7" * 200_000  # under the buffer: it arrives over several reads ahead
+    larger = b"8" * (read_ahead.BUFFER_BYTES + 1000)  # over it: read into its own buffer
+    frontend.send(b"I" + struct.pack("!i", -1), frame("big", large), frame("bigger", larger), frame("small", b"s"))
+    answers = frontend.answers(3)
     assert json.loads(answers["big"]["body"])["payload"] == large.decode()
+    assert json.loads(answers["bigger"]["body"])["payload"] == larger.decode()
     assert json.loads(answers["small"]["body"])["payload"] == "s"
 
 

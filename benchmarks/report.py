@@ -11,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 
 from benchmarks import ratios as figures
-from benchmarks.rounds import DISTURBED_SHARE
+from benchmarks.rounds import DISTURBED_SHARE, IDLE_SHARE, SATURATING_CLIENTS
 from benchmarks.sections import machine_info
 
 START, END = "<!-- bench:serving:start -->", "<!-- bench:serving:end -->"
@@ -76,11 +76,13 @@ def document(results: dict, settings) -> dict:
 NOTES = [
     "Figures (`ratios`): each is the median of its per-round values over the interleaved rounds of its comparison "
     "(every system's best configuration up at once, measured in turns whose order reverses every round), with min, "
-    "max and the number of rounds. A row measured while other work used over 10% of the CPU is rerun (up to "
-    "`reruns` times); a row still disturbed is marked, and every figure built on it is null with the reason. "
+    f"max and the number of rounds. A row measured while other work used over {DISTURBED_SHARE:.0%} of the CPU is "
+    "rerun (up to `reruns` times); a row still disturbed is marked, and every figure built on it is null with the "
+    "reason. "
     "Figures of phase `sweep` come from the one configuration sweep (1 round).",
-    "A row at 16 or more clients whose server used under 60% of the CPU (it left a core idle) is rerun the same "
-    "way: with 2 uvicorn workers that is the kernel handing all 32 connections to one of them (821 req/s against "
+    f"A row at {SATURATING_CLIENTS} or more clients whose server used under {IDLE_SHARE:.0%} of the CPU (it left a "
+    "core idle) is rerun the same way: with 2 uvicorn workers that is the kernel handing all 32 connections to one "
+    "of them (821 req/s against "
     "1,100-1,480 when they are spread, light CNN, 12 runs in a row), so FastAPI's figures are its balanced ones. "
     "FastAPI runs every layout in every round, and each round's FastAPI figure is its best layout of that round on "
     "the same runtime (light: 2 uvicorn workers on the TorchScript file, and on the `aoti` package tspack compiled, "

@@ -105,11 +105,11 @@ class DrainingWorker:
         try:
             while True:
                 while not pending:
-                    self._read(reader, service, pending)
+                    self._read(service, pending)
                 # Bounded, so that a flood of refusals cannot keep the model from running.
                 reads = 0
                 while reads < self.config.max_pending + self.config.max_batch and reader.readable():
-                    self._read(reader, service, pending)
+                    self._read(service, pending)
                     reads += 1
                 batch = self._take(pending)
                 response = self._respond(service, batch)
@@ -123,8 +123,8 @@ class DrainingWorker:
             logger.exception("zero-wait worker loop failed")
             return traceback.format_exc()
 
-    def _read(self, reader: read_ahead.SocketReader, service: Any, pending: deque) -> None:
-        command, message = retrieve_msg(reader.conn)
+    def _read(self, service: Any, pending: deque) -> None:
+        command, message = retrieve_msg(service.cl_socket)
         if command != b"I" or not message:
             logger.warning("zero-wait worker: unexpected command %r ignored", command)
             return
